@@ -1,0 +1,129 @@
+// The canonical problem description both kernels run on, and the per-entry index logic
+// (read slot, validity, padding, write destinations) of SPEC §3.1-§3.2, shared by CPU and CUDA.
+#pragma once
+#include <cstdint>
+#include "ssu_math.h"
+
+namespace ssu {
+
+// Bits of the `present` attribute: which optional operands are real (the others are
+// zero-size placeholders). Mirrored in jax_mamba/ops.py.
+enum Present : int64_t {
+  kD = 1, kZ = 2, kDtBias = 4, kSbi = 8, kDst = 16, kOut = 32, kInter = 64,
+  kInterIdx = 128, kCuSeqlens = 256, kNacc = 512, kSeed = 1024,
+};
+
+// Canonical shapes (the Python layer reshapes into these):
+//   state (S,H,P,N); x, z, out (nb,T,H,P) or varlen (rows,H,P); dt like x or without P;
+//   A f32 (H) or (H,P,N); B, C rows x (G,N); D, dt_bias (H) or (H,P);
+//   sbi, dst (nb) or (nb,K); state_scale f32 (S,H,P); inter (I,CS,H,P,N) + scales (I,CS,H,P);
+//   inter_idx, nacc (nb); cu_seqlens (nb+1); seed u32 (2).
+struct Params {
+  int64_t S, H, P, N, G, nb, T, rows;  // T: steps per entry (0 in varlen)
+  int64_t K_sbi, K_dst;                 // widths of 2-D index arrays, 0 when 1-D or absent
+  int64_t I, CS;                        // intermediate rows and step axis
+  int64_t max_len;                      // longest allowed sequence (0 = unlimited)
+  int64_t pad;
+  int philox_rounds;
+  DType state_t, in_t, w_t;             // state, x/B/C/z/out, dt/D/dt_bias
+  bool idx64, cu64, nacc64;
+  bool varlen, dt_elem, A_elem, D_elem, bias_elem;
+  bool has_D, has_z, has_bias, has_sbi, has_dst, has_inter, has_inter_idx, has_nacc, has_seed;
+  bool softplus, update_state;
+
+  void* state; float* state_scale;
+  const void *x, *dt, *B, *C, *D, *z, *dt_bias;
+  const float* A;
+  const void *sbi, *dst, *inter_idx, *cu, *nacc;
+  const uint32_t* seed;
+  void* out; void* inter; float* inter_scales;
+};
+
+SSU_HD int64_t load_index(const void* p, bool is64, int64_t i) {
+  return is64 ? static_cast<const int64_t*>(p)[i] : int64_t(static_cast<const int32_t*>(p)[i]);
+}
+
+// What one entry (batch row or varlen sequence) does.
+struct Entry {
+  int64_t row0, len;       // first row of x/out and number of steps
+  int64_t src;             // slot read (meaningless when padded)
+  int64_t ii;              // intermediate row written (-1: none)
+  bool valid, padded;      // invalid: outputs NaN, nothing written; padded: reads zeros
+  int64_t nan_lo, nan_hi;  // rows of out to fill with NaN when invalid
+};
+
+SSU_HD bool slot_ok(int64_t v, int64_t n) { return v >= 0 && v < n; }
+
+constexpr int64_t kNoWrite = INT64_MIN;
+
+// Index array value naming the state slot written after step t, or kNoWrite.
+SSU_HD int64_t state_write_raw(const Params& p, const Entry& e, int64_t b, int64_t t) {
+  if (!p.update_state || e.padded) return kNoWrite;
+  if (p.has_dst) {
+    if (p.K_dst > 0) return load_index(p.dst, p.idx64, b * p.K_dst + t);
+    return t == e.len - 1 ? load_index(p.dst, p.idx64, b) : kNoWrite;
+  }
+  return t == e.len - 1 ? e.src : kNoWrite;
+}
+
+// Slot of `state` written after step t, -1 for none. Only for valid entries.
+SSU_HD int64_t state_write_slot(const Params& p, const Entry& e, int64_t b, int64_t t) {
+  int64_t d = state_write_raw(p, e, b, t);
+  return (d == kNoWrite || (p.has_dst && d == p.pad)) ? -1 : d;
+}
+
+SSU_HD int64_t clamp_rows(int64_t r, int64_t rows) { return r < 0 ? 0 : (r > rows ? rows : r); }
+
+SSU_HD Entry resolve_entry(const Params& p, int64_t b) {
+  Entry e{0, 0, 0, -1, true, false, 0, 0};
+  if (p.varlen) {
+    int64_t a = load_index(p.cu, p.cu64, b), z = load_index(p.cu, p.cu64, b + 1);
+    if (a < 0 || z < a || z > p.rows) {  // bad bounds: NaN over the span they name
+      e.valid = false;
+      e.nan_lo = clamp_rows(a < z ? a : z, p.rows);
+      e.nan_hi = clamp_rows(a < z ? z : a, p.rows);
+      return e;
+    }
+    e.row0 = a; e.len = z - a;
+  } else {
+    e.row0 = b * p.T; e.len = p.T;
+  }
+  if (e.len == 0) return e;  // a zero-length sequence reads and writes nothing
+  bool ok = !(p.max_len > 0 && e.len > p.max_len) && !(p.K_sbi > 0 && e.len > p.K_sbi) &&
+            !(p.K_dst > 0 && e.len > p.K_dst);
+  if (ok && p.has_sbi) {
+    int64_t col = 0;
+    if (p.has_nacc) {
+      int64_t na = load_index(p.nacc, p.nacc64, b);
+      ok = na >= 0 && na <= p.K_sbi;
+      col = na > 1 ? na - 1 : 0;
+    }
+    if (ok) {
+      int64_t v = load_index(p.sbi, p.idx64, b * (p.K_sbi > 0 ? p.K_sbi : 1) + col);
+      e.padded = v == p.pad;
+      ok = e.padded || slot_ok(v, p.S);
+      e.src = v;
+    }
+  } else {
+    e.src = b;
+  }
+  if (ok && !e.padded && p.has_inter) {
+    int64_t ii = p.has_inter_idx ? load_index(p.inter_idx, p.idx64, b) : b;
+    if (p.has_inter_idx && ii == p.pad) ii = -1;
+    else ok = slot_ok(ii, p.I);
+    e.ii = ii;
+  }
+  for (int64_t t = 0; ok && p.has_dst && t < e.len; ++t) {
+    int64_t d = state_write_raw(p, e, b, t);
+    ok = d == kNoWrite || d == p.pad || slot_ok(d, p.S);
+  }
+  if (!ok) {
+    e.valid = false;
+    e.ii = -1;
+    e.nan_lo = clamp_rows(e.row0, p.rows);
+    e.nan_hi = clamp_rows(e.row0 + e.len, p.rows);
+  }
+  return e;
+}
+
+}  // namespace ssu

@@ -1,0 +1,22 @@
+"""Registers the compiled handlers under one target name for the CPU and, when built, CUDA."""
+import jax
+
+from . import _cpu
+
+TARGET = "jax_mamba_ssu"
+
+try:
+    from . import _cuda  # built only when nvcc was found at install time
+except ImportError:
+    _cuda = None
+
+HAS_CUDA = _cuda is not None
+
+for _name, _capsule in _cpu.registrations().items():
+    jax.ffi.register_ffi_target(_name, _capsule, platform="cpu")
+
+# Without the CUDA module, a handler that only returns "built without CUDA" is registered for
+# the CUDA platform, so a GPU computation fails with that message instead of a missing target.
+_gpu = _cuda.registrations() if HAS_CUDA else _cpu.missing_cuda_registrations()
+for _name, _capsule in _gpu.items():
+    jax.ffi.register_ffi_target(_name, _capsule, platform="CUDA")

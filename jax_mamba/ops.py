@@ -1,0 +1,76 @@
+"""selective_state_update through the jax_mamba_ssu XLA FFI target (CPU and CUDA handlers)."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from . import _ffi
+from ._problem import Problem, SSUResult, build_problem
+
+# Operand order and `present` bits: mirrored in ffi/ssu_ffi.h and ffi/ssu_params.h.
+_OPERANDS = ("state", "x", "dt", "A", "B", "C", "D", "z", "dt_bias", "sbi", "dst",
+             "state_scale", "out", "inter", "inter_idx", "inter_scales", "cu_seqlens", "nacc",
+             "seed")
+_PRESENT_BITS = {"D": 1, "z": 2, "dt_bias": 4, "sbi": 8, "dst": 16, "out": 32, "inter": 64,
+                 "inter_idx": 128, "cu_seqlens": 256, "nacc": 512, "seed": 1024}
+# result index -> operand it aliases
+_RESULTS = (("out", "out"), ("state", "state"), ("state_scale", "state_scale"),
+            ("inter", "inter"), ("inter_scales", "inter_scales"))
+_ALGORITHM_IDS = {"auto": 0, "simple": 1, "vertical": 2, "horizontal": 3}
+_PLACEHOLDER_DTYPE = {"sbi": jnp.int32, "dst": jnp.int32, "inter_idx": jnp.int32,
+                      "cu_seqlens": jnp.int32, "nacc": jnp.int32, "seed": jnp.uint32,
+                      "state_scale": jnp.float32, "inter_scales": jnp.float32}
+
+
+def _call(pb: Problem) -> SSUResult:
+    operands, present = [], 0
+    for name in _OPERANDS:
+        arr = getattr(pb, name)
+        if arr is None:
+            dtype = _PLACEHOLDER_DTYPE.get(name, pb.x.dtype if name in ("out", "z") else
+                                           pb.state.dtype if name == "inter" else pb.dt.dtype)
+            arr = jnp.zeros((0,), dtype)
+        else:
+            present |= _PRESENT_BITS.get(name, 0)
+        operands.append(arr)
+    results, aliases = [], {}
+    for i, (res, src) in enumerate(_RESULTS):
+        arr = operands[_OPERANDS.index(src)]
+        if res == "out" and pb.out is None:
+            results.append(jax.ShapeDtypeStruct(pb.x.shape, pb.x.dtype))
+            continue
+        results.append(jax.ShapeDtypeStruct(arr.shape, arr.dtype))
+        if arr.size or src == "state":
+            aliases[_OPERANDS.index(src)] = i
+    call = jax.ffi.ffi_call(_ffi.TARGET, results, input_output_aliases=aliases,
+                            vmap_method="sequential")
+    outs = call(*operands, present=present, pad_slot_id=int(pb.pad_slot_id),
+                dt_softplus=bool(pb.dt_softplus),
+                disable_state_update=bool(pb.disable_state_update),
+                philox_rounds=int(pb.philox_rounds), max_len=int(pb.max_len),
+                algorithm=_ALGORITHM_IDS[pb.algorithm])
+    return pb.result(*outs)
+
+
+def selective_state_update(
+    state, x, dt, A, B, C, D, z=None, dt_bias=None, dt_softplus=False,
+    state_batch_indices=None, pad_slot_id=-1, state_scale=None, out=None,
+    disable_state_update=False, intermediate_states_buffer=None,
+    intermediate_state_indices=None, intermediate_state_scales=None,
+    rand_seed=None, philox_rounds=10, cache_steps=0, algorithm="auto",
+    dst_state_batch_indices=None, cu_seqlens=None, num_accepted_tokens=None,
+) -> SSUResult:
+    """One Mamba decode step (or T speculative steps) over a cache of states.
+
+    Same arguments, order and defaults as FlashInfer's ``selective_state_update``; shapes and
+    semantics are in SPEC.md (§2-§3). Returns :class:`SSUResult` ``(out, state, state_scale,
+    intermediate_states_buffer, intermediate_state_scales)``. The state, its scales, the
+    intermediate buffers and a given ``out`` are aliased to the results, so inside
+    ``jax.jit(..., donate_argnums=...)`` they are updated in place.
+    """
+    pb = build_problem(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, state_batch_indices,
+                       pad_slot_id, state_scale, out, disable_state_update,
+                       intermediate_states_buffer, intermediate_state_indices,
+                       intermediate_state_scales, rand_seed, philox_rounds, cache_steps,
+                       algorithm, dst_state_batch_indices, cu_seqlens, num_accepted_tokens)
+    return _call(pb)

@@ -1,0 +1,261 @@
+"""Pure-jnp selective_state_update with the semantics of SPEC §3: the test oracle and a
+portable fallback (TPU, debugging). Same signature and result as jax_mamba.selective_state_update;
+it runs on any backend and under jit, but materialises per-step temporaries (it is not fast)."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from ._problem import Problem, SSUResult, build_problem
+
+_U32 = jnp.uint32
+
+
+def _u32(v):
+    return jnp.asarray(v, _U32)
+
+
+def _mulhilo(a, b):
+    """(high, low) 32-bit words of the 64-bit product of uint32 a and constant b, without x64."""
+    a_lo, a_hi = a & 0xFFFF, a >> 16
+    b_lo, b_hi = _u32(b & 0xFFFF), _u32(b >> 16)
+    ll, lh, hl, hh = a_lo * b_lo, a_lo * b_hi, a_hi * b_lo, a_hi * b_hi
+    mid = (ll >> 16) + (lh & 0xFFFF) + (hl & 0xFFFF)
+    hi = hh + (lh >> 16) + (hl >> 16) + (mid >> 16)
+    return hi, a * _u32(b)
+
+
+def philox4x32(c0, c1, c2, c3, k0, k1, rounds):
+    for _ in range(rounds):
+        hi_a, lo_a = _mulhilo(c2, 0xCD9E8D57)
+        hi_b, lo_b = _mulhilo(c0, 0xD2511F53)
+        c0, c1, c2, c3 = hi_a ^ c1 ^ k0, lo_a, hi_b ^ c3 ^ k1, lo_b
+        k0, k1 = k0 + _u32(0x9E3779B9), k1 + _u32(0xBB67AE85)
+    return c0, c1, c2, c3
+
+
+def sr_bits(elem, t, kind, seed, rounds):
+    """Random word of each element (int32/64 linear index `elem` in its destination buffer) at
+    step t, as in ffi/ssu_math.h: one Philox call per 4 consecutive elements."""
+    g = elem >> 2
+    lo = g.astype(_U32)
+    hi = (g >> 32).astype(_U32) if g.dtype.itemsize == 8 else jnp.zeros_like(lo)
+    r = philox4x32(lo, hi, jnp.broadcast_to(_u32(t), lo.shape), jnp.full(lo.shape, kind, _U32),
+                   seed[0], seed[1], rounds)
+    k = (elem & 3).astype(jnp.int32)
+    return jnp.where(k == 0, r[0], jnp.where(k == 1, r[1], jnp.where(k == 2, r[2], r[3])))
+
+
+def _to_bf16_sr(v, rnd):
+    u = lax.bitcast_convert_type(v, _U32)
+    special = (u & 0x7F800000) == 0x7F800000
+    r = lax.bitcast_convert_type(((u + (rnd & 0xFFFF)) >> 16).astype(jnp.uint16), jnp.bfloat16)
+    return jnp.where(special, v.astype(jnp.bfloat16), r)
+
+
+def _to_f16_sr(v, rnd):
+    u = lax.bitcast_convert_type(v, _U32)
+    sign = (u >> 16) & 0x8000
+    a = u & 0x7FFFFFFF
+    r = (a + (rnd & 0x1FFF)) & ~_u32(0x1FFF)
+    normal = jnp.where(r >= 0x47800000, _u32(0x7C00), (r - 0x38000000) >> 13)
+    q = lax.bitcast_convert_type(a, jnp.float32) * 16777216.0
+    fl = jnp.floor(q)
+    up = (rnd >> 8).astype(jnp.float32) * 5.9604644775390625e-08 < q - fl
+    sub = fl.astype(_U32) + up.astype(_U32)
+    bits = (sign | jnp.where(a >= 0x38800000, normal, sub)).astype(jnp.uint16)
+    out = lax.bitcast_convert_type(bits, jnp.float16)
+    return jnp.where(a >= 0x7F800000, v.astype(jnp.float16), out)
+
+
+def _encode(pb: Problem, s, elem0, t, kind):
+    """fp32 rows s (..., N) -> (stored values, scales or None). elem0: linear index of each row's
+    first element in the destination buffer (for stochastic rounding)."""
+    dtype = pb.state.dtype
+    if dtype == jnp.int16:
+        amax = jnp.max(jnp.abs(s), axis=-1)
+        scale = jnp.where(amax > 0, amax / 32767.0, 1.0)
+        q = jnp.rint(jnp.clip(s / scale[..., None], -32767.0, 32767.0)).astype(jnp.int16)
+        return q, scale
+    if pb.seed is None or dtype == jnp.float32:
+        return s.astype(dtype), None
+    elem = elem0[..., None] + jnp.arange(pb.N, dtype=elem0.dtype)
+    rnd = sr_bits(elem, t, kind, pb.seed, pb.philox_rounds)
+    return (_to_bf16_sr(s, rnd) if dtype == jnp.bfloat16 else _to_f16_sr(s, rnd)), None
+
+
+def _resolve(pb: Problem):
+    """Vectorised ssu::resolve_entry: per entry (row0, len, src, padded, ii, valid, nan_lo, nan_hi)."""
+    nb, S, pad = pb.nb, pb.S, pb.pad_slot_id
+    rows = pb.x.shape[0] * (pb.T if pb.mode != "varlen" else 1)
+    b = jnp.arange(nb)
+    ok_bounds = jnp.ones((nb,), bool)
+    if pb.mode == "varlen":
+        cu = pb.cu_seqlens.astype(jnp.int64 if pb.cu_seqlens.dtype == jnp.int64 else jnp.int32)
+        a, z = cu[:-1], cu[1:]
+        ok_bounds = (a >= 0) & (z >= a) & (z <= rows)
+        row0, length = a, jnp.where(ok_bounds, z - a, 0)
+        bad_lo, bad_hi = jnp.minimum(a, z), jnp.maximum(a, z)
+    else:
+        row0, length = b * pb.T, jnp.full((nb,), pb.T)
+        bad_lo = bad_hi = row0
+    ok = jnp.ones((nb,), bool)
+    if pb.max_len:
+        ok &= length <= pb.max_len
+    for idx in (pb.sbi, pb.dst):
+        if idx is not None and idx.ndim == 2:
+            ok &= length <= idx.shape[1]
+    padded = jnp.zeros((nb,), bool)
+    src = b
+    if pb.sbi is not None:
+        K = pb.sbi.shape[1] if pb.sbi.ndim == 2 else 1
+        col = jnp.zeros((nb,), jnp.int32)
+        if pb.nacc is not None:
+            ok &= (pb.nacc >= 0) & (pb.nacc <= K)
+            col = jnp.maximum(pb.nacc - 1, 0).astype(jnp.int32)
+        table = pb.sbi.reshape(nb, K)
+        v = jnp.take_along_axis(table, jnp.clip(col, 0, K - 1)[:, None], axis=1)[:, 0]
+        padded = v == pad
+        ok &= padded | ((v >= 0) & (v < S))
+        src = v
+    ii = jnp.full((nb,), -1)
+    if pb.inter is not None:
+        I = pb.inter.shape[0]
+        cand = pb.inter_idx if pb.inter_idx is not None else b
+        skip = (cand == pad) if pb.inter_idx is not None else jnp.zeros((nb,), bool)
+        ok &= padded | skip | ((cand >= 0) & (cand < I))
+        ii = jnp.where(padded | skip, -1, cand)
+    return dict(row0=row0, len=length, src=src, padded=padded, ii=ii, ok=ok & ok_bounds,
+                ok_bounds=ok_bounds, bad_lo=bad_lo, bad_hi=bad_hi, rows=rows)
+
+
+def _state_write(pb: Problem, e, t):
+    """Raw index written after step t (per entry) and whether a write happens."""
+    last = t == e["len"] - 1
+    if pb.dst is not None:
+        if pb.dst.ndim == 2:
+            raw = pb.dst[:, jnp.minimum(t, pb.dst.shape[1] - 1)]
+            happens = t < e["len"]
+        else:
+            raw, happens = pb.dst, last
+        happens = happens & (raw != pb.pad_slot_id)
+    else:
+        raw, happens = e["src"], last
+    happens = happens & ~e["padded"] & (not pb.disable_state_update)
+    return raw, happens
+
+
+def _run(pb: Problem) -> SSUResult:
+    H, P, N, G, nb, S = pb.H, pb.P, pb.N, pb.G, pb.nb, pb.S
+    e = _resolve(pb)
+    rows = e["rows"]
+    if pb.mode == "varlen":
+        steps = pb.max_len or min([rows] + [i.shape[1] for i in (pb.sbi, pb.dst)
+                                             if i is not None and i.ndim == 2])
+    else:
+        steps = pb.T
+    x = pb.x.reshape((rows, H, P))
+    dt = pb.dt.reshape((rows,) + pb.dt.shape[(1 if pb.mode == "varlen" else 2):])
+    Bm, Cm = (a.reshape(rows, G, N) for a in (pb.B, pb.C))
+    z = None if pb.z is None else pb.z.reshape(rows, H, P)
+
+    # dst validity (needs every used step) and the read
+    ok = e["ok"]
+    if pb.dst is not None and not pb.disable_state_update:
+        for t in range(steps if pb.dst.ndim == 2 else 1):
+            tt = t if pb.dst.ndim == 2 else e["len"] - 1
+            raw, happens = _state_write(pb, e, tt)
+            used = happens & (tt < e["len"]) & (tt >= 0)
+            ok &= ~used | ((raw >= 0) & (raw < S))
+    valid = ok & (e["len"] > 0)
+    src = jnp.clip(e["src"], 0, S - 1)
+    s = pb.state[src].astype(jnp.float32)
+    if pb.state.dtype == jnp.int16:
+        s = s * pb.state_scale[src][..., None]
+    s = jnp.where((e["padded"] | ~valid)[:, None, None, None], 0.0, s)
+
+    A = pb.A.astype(jnp.float32)
+    A_b = A[:, None, None] if A.ndim == 1 else A  # (H,1,1) or (H,P,N)
+    f32 = lambda a: None if a is None else a.astype(jnp.float32)
+    D, bias = f32(pb.D), f32(pb.dt_bias)
+    if D is not None and D.ndim == 1:
+        D = D[:, None]
+    if bias is not None and bias.ndim == 1:
+        bias = bias[:, None]
+    heads_per_group = H // G
+
+    out = jnp.zeros((rows, H, P), pb.x.dtype)
+    carry = (s, pb.state, pb.state_scale, pb.inter, pb.inter_scales, out)
+
+    def step(carry, t):
+        s, state, scale, inter, iscale, out = carry
+        active = valid & (t < e["len"])
+        row = jnp.clip(e["row0"] + t, 0, rows - 1)
+        xv = x[row].astype(jnp.float32)                              # (nb,H,P)
+        d = dt[row].astype(jnp.float32)
+        d = d[..., None] if d.ndim == 2 else d                       # (nb,H,1|P)
+        if bias is not None:
+            d = d + bias
+        if pb.dt_softplus:
+            d = jnp.where(d <= 20.0, jnp.log1p(jnp.exp(d)), d)
+        Bv = jnp.repeat(Bm[row].astype(jnp.float32), heads_per_group, axis=1)  # (nb,H,N)
+        Cv = jnp.repeat(Cm[row].astype(jnp.float32), heads_per_group, axis=1)
+        dA = jnp.exp(A_b * d[..., None])
+        new = s * dA + (Bv[:, :, None, :] * d[..., None]) * xv[..., None]
+        y = jnp.sum(new * Cv[:, :, None, :], axis=-1)
+        if D is not None:
+            y = y + D * xv
+        if z is not None:
+            zv = z[row].astype(jnp.float32)
+            y = y * (zv / (1.0 + jnp.exp(-zv)))
+        s = jnp.where(active[:, None, None, None], new, s)
+        out = out.at[jnp.where(active, row, rows)].set(y.astype(out.dtype), mode="drop")
+
+        raw, happens = _state_write(pb, e, t)
+        slot = jnp.where(active & happens, raw, S)
+        elem0 = ((slot.astype(jnp.int64 if raw.dtype == jnp.int64 else jnp.int32)[:, None, None] * H
+                  + jnp.arange(H)[:, None]) * P + jnp.arange(P)) * N
+        vals, sc = _encode(pb, s, elem0, t, 0)
+        state = state.at[slot].set(vals, mode="drop")
+        if sc is not None:
+            scale = scale.at[slot].set(sc, mode="drop")
+        if inter is not None:
+            I, CS = inter.shape[:2]
+            irow = jnp.where(active & (e["ii"] >= 0), e["ii"], I)
+            flat = irow * CS + t
+            elem0 = ((flat[:, None, None] * H + jnp.arange(H)[:, None]) * P + jnp.arange(P)) * N
+            vals, sc = _encode(pb, s, elem0, t, 1)
+            inter = inter.at[irow, t].set(vals, mode="drop")
+            if sc is not None:
+                iscale = iscale.at[irow, t].set(sc, mode="drop")
+        return (s, state, scale, inter, iscale, out), None
+
+    if steps:
+        carry, _ = lax.scan(step, carry, jnp.arange(steps))
+    _, state, scale, inter, iscale, out = carry
+
+    # invalid entries: NaN over their rows
+    lo = jnp.where(e["ok_bounds"], e["row0"], e["bad_lo"])
+    hi = jnp.where(e["ok_bounds"], e["row0"] + e["len"], e["bad_hi"])
+    r = jnp.arange(rows)[:, None]
+    bad = jnp.any((~ok)[None, :] & (r >= lo[None, :]) & (r < hi[None, :]), axis=1)
+    out = jnp.where(bad[:, None, None], jnp.nan, out).astype(pb.x.dtype)
+    return pb.result(out, state, scale, inter, iscale)
+
+
+def selective_state_update(
+    state, x, dt, A, B, C, D, z=None, dt_bias=None, dt_softplus=False,
+    state_batch_indices=None, pad_slot_id=-1, state_scale=None, out=None,
+    disable_state_update=False, intermediate_states_buffer=None,
+    intermediate_state_indices=None, intermediate_state_scales=None,
+    rand_seed=None, philox_rounds=10, cache_steps=0, algorithm="auto",
+    dst_state_batch_indices=None, cu_seqlens=None, num_accepted_tokens=None,
+) -> SSUResult:
+    """Pure-jnp twin of :func:`jax_mamba.selective_state_update` (same arguments and result)."""
+    pb = build_problem(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, state_batch_indices,
+                       pad_slot_id, state_scale, out, disable_state_update,
+                       intermediate_states_buffer, intermediate_state_indices,
+                       intermediate_state_scales, rand_seed, philox_rounds, cache_steps,
+                       algorithm, dst_state_batch_indices, cu_seqlens, num_accepted_tokens)
+    return _run(pb)
