@@ -73,9 +73,11 @@ inline ffi::Error decode_params(ffi::RemainingArgs args, ffi::RemainingRets rets
   p->has_inter_idx = present & kInterIdx; p->varlen = present & kCuSeqlens;
   p->has_nacc = present & kNacc; p->has_seed = present & kSeed;
 
+  // Aliased buffers keep the caller's shape: a 3-D state (S, P, N) is the H = 1 case.
   auto st = in[aState].dimensions();
-  if (st.size() != 4) return bad("state must be rank 4 after normalisation");
-  p->S = st[0]; p->H = st[1]; p->P = st[2]; p->N = st[3];
+  if (st.size() != 4 && st.size() != 3) return bad("state must be rank 3 or 4");
+  p->S = st[0]; p->H = st.size() == 4 ? st[1] : 1;
+  p->P = st[st.size() - 2]; p->N = st[st.size() - 1];
   auto xd = in[aX].dimensions();
   if (p->varlen) {
     if (xd.size() != 3) return bad("varlen x must be rank 3 after normalisation");

@@ -6,7 +6,10 @@ normalisation into the canonical layout both the FFI kernels and the reference r
     sbi, dst (nb,) or (nb, K); state_scale (S, H, P); intermediates (I, CS, H, P, N) + (I, CS, H, P);
     seed uint32 (2,).
 
-Only reshapes are used (free in XLA), so aliased buffers stay in place.
+Inputs are only reshaped (free in XLA). The aliased buffers (state, state_scale, out and the
+intermediate buffers) keep the caller's shapes: XLA inserts copies when an aliased operand is a
+reshape (e.g. with an inserted size-1 head axis) of a donated parameter, so consumers must use
+`dims` (S, H, P, N) rather than the rank of these arrays.
 """
 from __future__ import annotations
 
@@ -97,6 +100,7 @@ class Problem:
     philox_rounds: int
     max_len: int
     algorithm: str
+    dims: tuple          # canonical (S, H, P, N) of the state
     mode: str            # "stp" | "mtp" | "varlen"
     nb: int              # entries (batch rows or sequences)
     T: int               # steps per entry (0 in varlen)
@@ -108,19 +112,19 @@ class Problem:
 
     @property
     def S(self):
-        return self.state.shape[0]
+        return self.dims[0]
 
     @property
     def H(self):
-        return self.state.shape[1]
+        return self.dims[1]
 
     @property
     def P(self):
-        return self.state.shape[2]
+        return self.dims[2]
 
     @property
     def N(self):
-        return self.state.shape[3]
+        return self.dims[3]
 
     @property
     def G(self):
@@ -312,7 +316,6 @@ def build_problem(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, state_batch
         want = (S, H, P) if heads else (S, P)
         _check_shape("state_scale", state_scale, want, want + (1,))
         scale_shape = tuple(state_scale.shape)
-        state_scale = state_scale.reshape(S, H, P)
     elif state_scale is not None:
         raise ValueError(f"state_scale: only allowed with an int16 state, got state dtype {state.dtype}")
 
@@ -337,7 +340,6 @@ def build_problem(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, state_batch
         if inter_idx is not None:
             _check_shape("intermediate_state_indices", inter_idx, (nb,))
         inter_shape = tuple(inter.shape)
-        inter = inter.reshape(I, CS, H, P, N)
         if state.dtype == np.int16:
             if inter_scales is None:
                 raise ValueError("intermediate_state_scales: required for an int16 "
@@ -345,7 +347,6 @@ def build_problem(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, state_batch
             _check_dtype("intermediate_state_scales", inter_scales, (jnp.float32,))
             _check_shape("intermediate_state_scales", inter_scales, (I, CS) + tuple(hp))
             inter_scales_shape = tuple(inter_scales.shape)
-            inter_scales = inter_scales.reshape(I, CS, H, P)
         elif inter_scales is not None:
             raise ValueError("intermediate_state_scales: only allowed with an int16 buffer, got "
                              f"buffer dtype {inter.dtype}")
@@ -375,17 +376,17 @@ def build_problem(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, state_batch
         dtc = dt.reshape(canon_lead + (H,))
     Bc, Cc = (a.reshape(canon_lead + (G, N)) for a in (B, C))
     zc = None if z is None else z.reshape(xc.shape)
-    outc = None if out is None else out.reshape(xc.shape)
     A32 = A.astype(jnp.float32)
     Ac = A32.reshape(H, P, N) if A_elem else A32
     Dc = None if D is None else D.reshape((H, P) if (D.ndim == 2 or not heads) else (H,))
     bc = None if dt_bias is None else dt_bias.reshape(
         (H, P) if (dt_bias.ndim == 2 or not heads) else (H,))
     return Problem(
-        state=state.reshape(S, H, P, N), x=xc, dt=dtc, A=Ac, B=Bc, C=Cc, D=Dc, z=zc, dt_bias=bc,
-        sbi=sbi, dst=dst, state_scale=state_scale, out=outc, inter=inter, inter_idx=inter_idx,
+        state=state, x=xc, dt=dtc, A=Ac, B=Bc, C=Cc, D=Dc, z=zc, dt_bias=bc,
+        sbi=sbi, dst=dst, state_scale=state_scale, out=out, inter=inter, inter_idx=inter_idx,
         inter_scales=inter_scales, cu_seqlens=cu, nacc=nacc, seed=seed, pad_slot_id=pad_slot_id,
         dt_softplus=dt_softplus, disable_state_update=disable_state_update,
-        philox_rounds=philox_rounds, max_len=max_len, algorithm=algorithm, mode=mode, nb=nb, T=T,
+        philox_rounds=philox_rounds, max_len=max_len, algorithm=algorithm, dims=(S, H, P, N),
+        mode=mode, nb=nb, T=T,
         x_shape=x_shape, state_shape=tuple(state.shape), scale_shape=scale_shape,
         inter_shape=inter_shape, inter_scales_shape=inter_scales_shape)

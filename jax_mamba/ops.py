@@ -37,7 +37,7 @@ def _call(pb: Problem) -> SSUResult:
     for i, (res, src) in enumerate(_RESULTS):
         arr = operands[_OPERANDS.index(src)]
         if res == "out" and pb.out is None:
-            results.append(jax.ShapeDtypeStruct(pb.x.shape, pb.x.dtype))
+            results.append(jax.ShapeDtypeStruct(pb.x_shape, pb.x.dtype))
             continue
         results.append(jax.ShapeDtypeStruct(arr.shape, arr.dtype))
         if arr.size or src == "state":

@@ -169,10 +169,17 @@ def _run(pb: Problem) -> SSUResult:
             used = happens & (tt < e["len"]) & (tt >= 0)
             ok &= ~used | ((raw >= 0) & (raw < S))
     valid = ok & (e["len"] > 0)
+    state = pb.state.reshape(S, H, P, N)
+    scale = None if pb.state_scale is None else pb.state_scale.reshape(S, H, P)
+    inter = iscale = None
+    if pb.inter is not None:
+        I, CS = pb.inter.shape[:2]
+        inter = pb.inter.reshape(I, CS, H, P, N)
+        iscale = None if pb.inter_scales is None else pb.inter_scales.reshape(I, CS, H, P)
     src = jnp.clip(e["src"], 0, S - 1)
-    s = pb.state[src].astype(jnp.float32)
-    if pb.state.dtype == jnp.int16:
-        s = s * pb.state_scale[src][..., None]
+    s = state[src].astype(jnp.float32)
+    if scale is not None:
+        s = s * scale[src][..., None]
     s = jnp.where((e["padded"] | ~valid)[:, None, None, None], 0.0, s)
 
     A = pb.A.astype(jnp.float32)
@@ -186,7 +193,7 @@ def _run(pb: Problem) -> SSUResult:
     heads_per_group = H // G
 
     out = jnp.zeros((rows, H, P), pb.x.dtype)
-    carry = (s, pb.state, pb.state_scale, pb.inter, pb.inter_scales, out)
+    carry = (s, state, scale, inter, iscale, out)
 
     def step(carry, t):
         s, state, scale, inter, iscale, out = carry

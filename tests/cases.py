@@ -198,3 +198,9 @@ def to_device(kw, device):
 def seed_of(cfg, salt=0):
     """A per-configuration seed that is stable across runs (unlike hash())."""
     return zlib.crc32(repr(cfg).encode()) + salt
+
+
+def split_static(kw):
+    """(array kwargs, static kwargs) so the arrays can be passed through jit."""
+    arrays = {k: v for k, v in kw.items() if isinstance(v, jax.Array)}
+    return arrays, {k: v for k, v in kw.items() if k not in arrays}
