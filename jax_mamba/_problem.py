@@ -295,7 +295,7 @@ def build_problem(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, state_batch
         if arr.ndim not in (1, 2) or arr.shape[0] != nb:
             raise ValueError(f"{name}: expected shape ({nb},) or ({nb}, K), got {tuple(arr.shape)}")
         if mode == "mtp" and arr.ndim == 2 and arr.shape[1] < T:
-            raise ValueError(f"{name}: a 2-D index array needs width K >= T={T}, got shape "
+            raise ValueError(f"{name}: expected a 2-D index array of width K >= T={T}, got shape "
                              f"{tuple(arr.shape)}")
     if sbi is None and nb > S:
         raise ValueError(f"state: without state_batch_indices the cache needs at least batch={nb} "
@@ -362,8 +362,8 @@ def build_problem(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, state_batch
     seed = None
     if rand_seed is not None:
         if state.dtype not in (np.float16, jnp.bfloat16):
-            raise ValueError(f"rand_seed: stochastic rounding needs a float16 or bfloat16 state, "
-                             f"got {state.dtype}")
+            raise ValueError(f"rand_seed: stochastic rounding expected a float16 or bfloat16 "
+                             f"state, got state dtype {state.dtype}")
         seed = seed_words("rand_seed", rand_seed)
 
     # ---- canonical layout ----

@@ -1,0 +1,113 @@
+"""Trace-time errors (SPEC §3.6): the right exception, naming the argument, expected and given."""
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jax_mamba
+from cases import Cfg, make_case
+
+f32, bf16, f16, i16, i32 = jnp.float32, jnp.bfloat16, jnp.float16, jnp.int16, jnp.int32
+
+
+def base(**over):
+    cfg = Cfg(**{k: v for k, v in over.items() if k in Cfg.__dataclass_fields__})
+    return make_case(cfg, np.random.default_rng(0))
+
+
+def z(shape, dtype=f32):
+    return jnp.zeros(shape, dtype)
+
+
+# (id, Cfg overrides, kwarg edits, exception, words the message must contain)
+CASES = [
+    ("state_rank", {}, dict(state=z((12, 4, 8))[0]), ValueError, ["state", "rank"]),
+    ("state_dtype", {}, dict(state=z((12, 4, 8, 16), jnp.int32)), TypeError, ["state", "int32"]),
+    ("x_rank", {}, dict(x=z((3,))), ValueError, ["x", "(3,)"]),
+    ("x_trailing", {}, dict(x=z((3, 4, 9))), ValueError, ["x", "(3, 4, 9)"]),
+    ("x_dtype", {}, dict(x=z((3, 4, 8), i32)), TypeError, ["x", "int32"]),
+    ("dt_shape", {}, dict(dt=z((3, 5))), ValueError, ["dt", "(3, 5)"]),
+    ("dt_dtype", {}, dict(dt=z((3, 4), i32)), TypeError, ["dt", "int32"]),
+    ("A_shape", {}, dict(A=z((5,))), ValueError, ["A", "(5,)"]),
+    ("A_dtype", {}, dict(A=z((4,), i32)), TypeError, ["A", "int32"]),
+    ("B_shape", {}, dict(B=z((3, 2, 15))), ValueError, ["B", "(3, 2, 15)"]),
+    ("B_dtype", {}, dict(B=z((3, 2, 16), bf16)), TypeError, ["B", "bfloat16"]),
+    ("C_shape", {}, dict(C=z((3, 1, 16))), ValueError, ["C", "(3, 1, 16)"]),
+    ("ngroups", {}, dict(B=z((3, 3, 16)), C=z((3, 3, 16))), ValueError, ["ngroups", "3"]),
+    ("z_shape", {}, dict(z=z((3, 4, 7))), ValueError, ["z", "(3, 4, 7)"]),
+    ("out_dtype", {}, dict(out=z((3, 4, 8), f16)), TypeError, ["out", "float16"]),
+    ("D_shape", {}, dict(D=z((4, 3))), ValueError, ["D", "(4, 3)"]),
+    ("D_dtype", {}, dict(D=z((4,), bf16)), TypeError, ["D", "bfloat16"]),
+    ("bias_shape", {}, dict(dt_bias=z((8,))), ValueError, ["dt_bias", "(8,)"]),
+    ("mamba1_forms_with_4d", {}, dict(x=z((3, 8))), ValueError, ["x"]),
+    ("sbi_dtype", {}, dict(state_batch_indices=z((3,), f32)), TypeError,
+     ["state_batch_indices", "float32"]),
+    ("sbi_shape", {}, dict(state_batch_indices=z((4,), i32)), ValueError,
+     ["state_batch_indices", "(4,)"]),
+    ("sbi_narrow_mtp", dict(mode="mtp"), dict(state_batch_indices=z((3, 2), i32)), ValueError,
+     ["state_batch_indices", "K", "3"]),
+    ("mixed_index_dtypes", {}, dict(dst_state_batch_indices=z((3,), jnp.int16)), TypeError,
+     ["dst_state_batch_indices"]),
+    ("too_few_slots", dict(sbi="none"), dict(state=z((2, 4, 8, 16))), ValueError, ["state", "2"]),
+    ("nacc_without_2d", {}, dict(num_accepted_tokens=z((3,), i32)), ValueError,
+     ["num_accepted_tokens", "2-D"]),
+    ("int16_no_scale", dict(state="i16"), dict(state_scale=None), ValueError, ["state_scale", "int16"]),
+    ("scale_float_state", {}, dict(state_scale=z((12, 4, 8))), ValueError, ["state_scale", "float32"]),
+    ("scale_shape", dict(state="i16"), dict(state_scale=z((12, 4))), ValueError,
+     ["state_scale", "(12, 4)"]),
+    ("scale_dtype", dict(state="i16"), dict(state_scale=z((12, 4, 8), bf16)), TypeError,
+     ["state_scale", "bfloat16"]),
+    ("inter_and_dst", dict(mode="mtp", inter="idx"),
+     dict(dst_state_batch_indices=z((3,), i32)), ValueError, ["dst_state_batch_indices", "intermediate"]),
+    ("inter_dtype", dict(mode="mtp", inter="idx"),
+     dict(intermediate_states_buffer=z((5, 3, 4, 8, 16), bf16)), TypeError,
+     ["intermediate_states_buffer", "bfloat16"]),
+    ("inter_shape", dict(mode="mtp", inter="idx"),
+     dict(intermediate_states_buffer=z((5, 3, 4, 8, 15))), ValueError,
+     ["intermediate_states_buffer", "(5, 3, 4, 8, 15)"]),
+    ("cache_steps_mismatch", dict(mode="mtp", inter="idx"), dict(cache_steps=4), ValueError,
+     ["cache_steps", "4"]),
+    ("inter_rows", dict(mode="mtp", inter="noidx"),
+     dict(intermediate_states_buffer=z((2, 3, 4, 8, 16))), ValueError,
+     ["intermediate_states_buffer", "2"]),
+    ("inter_idx_alone", {}, dict(intermediate_state_indices=z((3,), i32)), ValueError,
+     ["intermediate_state_indices", "without"]),
+    ("inter_scales_alone", {}, dict(intermediate_state_scales=z((3, 3, 4, 8))), ValueError,
+     ["intermediate_state_scales", "without"]),
+    ("int16_inter_no_scales", dict(mode="mtp", inter="idx", state="i16"),
+     dict(intermediate_state_scales=None), ValueError, ["intermediate_state_scales", "int16"]),
+    ("inter_scales_float", dict(mode="mtp", inter="idx"),
+     dict(intermediate_state_scales=z((5, 3, 4, 8))), ValueError, ["intermediate_state_scales", "float32"]),
+    ("T_exceeds_cache_steps", dict(mode="mtp"), dict(cache_steps=2), ValueError, ["T=3", "cache_steps=2"]),
+    ("negative_cache_steps", {}, dict(cache_steps=-1), ValueError, ["cache_steps", "-1"]),
+    ("seed_f32_state", {}, dict(rand_seed=1), ValueError, ["rand_seed", "float32"]),
+    ("seed_int16_state", dict(state="i16"), dict(rand_seed=1), ValueError, ["rand_seed", "int16"]),
+    ("seed_float", dict(state="f16"), dict(rand_seed=jnp.float32(1)), TypeError, ["rand_seed", "float32"]),
+    ("seed_shape", dict(state="f16"), dict(rand_seed=jnp.zeros((3,), i32)), ValueError, ["rand_seed", "(3,)"]),
+    ("philox_rounds", dict(state="f16", sr=True), dict(philox_rounds=0), ValueError, ["philox_rounds", "0"]),
+    ("algorithm", {}, dict(algorithm="fastest"), ValueError, ["algorithm", "fastest"]),
+    ("pad_not_int", {}, dict(pad_slot_id=1.5), TypeError, ["pad_slot_id", "float"]),
+    ("cu_dtype", dict(mode="varlen"), dict(cu_seqlens=z((4,), f32)), TypeError, ["cu_seqlens", "float32"]),
+    ("cu_rank", dict(mode="varlen"), dict(cu_seqlens=z((2, 2), i32)), ValueError, ["cu_seqlens", "(2, 2)"]),
+    ("varlen_x_rank", dict(mode="varlen"), dict(x=z((1, 5, 4, 8))), ValueError, ["x", "total_tokens"]),
+]
+
+
+@pytest.mark.parametrize("cfg,edits,exc,words", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+@pytest.mark.parametrize("impl", ["ffi", "reference"])
+def test_error(cfg, edits, exc, words, impl):
+    kw = base(**cfg)
+    kw.update(edits)
+    kw = {k: v for k, v in kw.items() if v is not None or k in ("D",)}
+    fn = jax_mamba.selective_state_update if impl == "ffi" else jax_mamba.reference.selective_state_update
+    with pytest.raises(exc) as info:
+        fn(**kw)
+    msg = str(info.value)
+    for w in words:
+        assert w in msg, f"{w!r} not in message: {msg}"
+    assert "expected" in msg or "requires" in msg or "required" in msg or "without" in msg \
+        or "cannot" in msg or "only allowed" in msg or "exceed" in msg or "must" in msg, msg
+
+
+def test_valid_base_case_runs():
+    """The unedited base case is valid, so each error above comes from its one edit."""
+    jax_mamba.selective_state_update(**base())
