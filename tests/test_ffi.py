@@ -1,0 +1,39 @@
+"""Target registration and the FFI call frame."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jax_mamba
+from jax_mamba import _cpu, _ffi
+from cases import Cfg, make_case
+
+
+def test_one_target_name_for_both_platforms():
+    assert list(_cpu.registrations()) == [_ffi.TARGET]
+    gpu = (_ffi._cuda.registrations() if jax_mamba.HAS_CUDA else _cpu.missing_cuda_registrations())
+    assert list(gpu) == [_ffi.TARGET]
+
+
+def test_missing_cuda_handler_reports_clearly():
+    """Without the CUDA module, this handler is what a GPU computation reaches. Registered here
+    under a test name for the CPU, it must fail with the explanation and touch nothing."""
+    jax.ffi.register_ffi_target("jax_mamba_test_missing_cuda",
+                                _cpu.missing_cuda_registrations()[_ffi.TARGET], platform="cpu")
+    call = jax.ffi.ffi_call("jax_mamba_test_missing_cuda", jax.ShapeDtypeStruct((2,), jnp.float32))
+    with pytest.raises(Exception, match="built without CUDA"):
+        jax.block_until_ready(call(jnp.zeros((2,), jnp.float32)))
+
+
+def test_attributes_are_baked_and_recompile():
+    """Static settings are FFI attributes: different values give different executables."""
+    kw = make_case(Cfg(pads=True), np.random.default_rng(0))
+    kw.pop("pad_slot_id")
+    f = jax.jit(jax_mamba.selective_state_update, static_argnames=("pad_slot_id",))
+    a = f(pad_slot_id=-1, **kw).out
+    b = f(pad_slot_id=-2, **kw).out  # -1 is no longer padding: an out-of-range index -> NaN
+    assert not np.isnan(np.asarray(a)).any()
+    assert np.isnan(np.asarray(b)).any()
+    hlo = jax.jit(lambda **k: jax_mamba.selective_state_update(**k, pad_slot_id=7)).lower(
+        **{k: v for k, v in kw.items() if isinstance(v, jax.Array)}).as_text()
+    assert "pad_slot_id = 7" in hlo and "jax_mamba_ssu" in hlo
