@@ -6,7 +6,7 @@ import pytest
 
 import jax_mamba
 from jax_mamba import _cpu, _ffi
-from cases import Cfg, make_case
+from cases import Cfg, make_case, split_static
 
 
 def test_one_target_name_for_both_platforms():
@@ -29,11 +29,13 @@ def test_attributes_are_baked_and_recompile():
     """Static settings are FFI attributes: different values give different executables."""
     kw = make_case(Cfg(pads=True), np.random.default_rng(0))
     kw.pop("pad_slot_id")
-    f = jax.jit(jax_mamba.selective_state_update, static_argnames=("pad_slot_id",))
-    a = f(pad_slot_id=-1, **kw).out
-    b = f(pad_slot_id=-2, **kw).out  # -1 is no longer padding: an out-of-range index -> NaN
+    kw, static = split_static(kw)
+    f = jax.jit(lambda pad, **k: jax_mamba.selective_state_update(**k, **static, pad_slot_id=pad),
+                static_argnums=0)
+    a = f(-1, **kw).out
+    b = f(-2, **kw).out  # -1 is no longer padding: an out-of-range index -> NaN
     assert not np.isnan(np.asarray(a)).any()
     assert np.isnan(np.asarray(b)).any()
-    hlo = jax.jit(lambda **k: jax_mamba.selective_state_update(**k, pad_slot_id=7)).lower(
-        **{k: v for k, v in kw.items() if isinstance(v, jax.Array)}).as_text()
+    hlo = jax.jit(lambda **k: jax_mamba.selective_state_update(**k, **static, pad_slot_id=7)
+                  ).lower(**kw).as_text()
     assert "pad_slot_id = 7" in hlo and "jax_mamba_ssu" in hlo
