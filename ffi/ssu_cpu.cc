@@ -1,8 +1,13 @@
 // CPU handler: the reference-speed implementation of SPEC §3 on ssu::Params.
 // One row (slot, head, p) at a time: decode, run the T steps in fp32, store per §3.1.
+#include <algorithm>
+#include <atomic>
 #include <cmath>
+#include <condition_variable>
 #include <cstring>
 #include <limits>
+#include <memory>
+#include <mutex>
 #include <vector>
 
 #include "nanobind/nanobind.h"
@@ -72,88 +77,151 @@ void store_row(const Params& p, void* base, float* scale, int64_t off, int64_t s
   }
 }
 
+// One (entry, head) work item: every row p of head h of entry b, all steps.
 template <DType ST, DType IT>
-void run(const Params& p) {
-  const int64_t H = p.H, P = p.P, N = p.N, HP = H * P, rows_per_group = H / p.G;
-  const float nan = std::numeric_limits<float>::quiet_NaN();
-  if (p.varlen)  // rows that no sequence owns stay 0
-    for (int64_t i = 0; i < p.rows * HP; ++i) st_rn<IT>(p.out, i, 0.f);
-  std::vector<float> s(N), dA(N);
-  for (int64_t b = 0; b < p.nb; ++b) {
-    const Entry e = resolve_entry(p, b);
-    if (!e.valid) {
-      for (int64_t i = e.nan_lo * HP; i < e.nan_hi * HP; ++i) st_rn<IT>(p.out, i, nan);
-      continue;
+void run_item(const Params& p, const Entry& e, int64_t b, int64_t h) {
+  const int64_t H = p.H, P = p.P, N = p.N, HP = H * P, L = e.len;
+  const int64_t g = h / (H / p.G);
+  // Per-step operands shared by the head's rows, widened to fp32 once.
+  std::vector<float> Bf(L * N), Cf(L * N), dth(L), s(N), dA(N);
+  for (int64_t t = 0; t < L; ++t) {
+    const int64_t bc = ((e.row0 + t) * p.G + g) * N;
+    for (int64_t n = 0; n < N; ++n) {
+      Bf[t * N + n] = ld<IT>(p.B, bc + n);
+      Cf[t * N + n] = ld<IT>(p.C, bc + n);
     }
-    for (int64_t h = 0; h < H; ++h) {
-      const int64_t g = h / rows_per_group;
-      for (int64_t pp = 0; pp < P; ++pp) {
-        const int64_t hp = h * P + pp;
-        if (e.padded) {
-          std::fill(s.begin(), s.end(), 0.f);
-        } else {
-          const int64_t off = (e.src * HP + hp) * N;
-          const float sc = ST == DType::I16 ? p.state_scale[e.src * HP + hp] : 1.f;
-          for (int64_t n = 0; n < N; ++n) s[n] = ld<ST>(p.state, off + n) * sc;
+  }
+  const float bias_h = p.has_bias && !p.bias_elem ? ld_any(p.dt_bias, p.w_t, h) : 0.f;
+  if (!p.dt_elem)
+    for (int64_t t = 0; t < L; ++t) {
+      float d = ld_any(p.dt, p.w_t, (e.row0 + t) * H + h) + bias_h;
+      dth[t] = p.softplus ? softplus20(d) : d;
+    }
+  for (int64_t pp = 0; pp < P; ++pp) {
+    const int64_t hp = h * P + pp;
+    if (e.padded) {
+      std::fill(s.begin(), s.end(), 0.f);
+    } else {
+      const int64_t off = (e.src * HP + hp) * N;
+      const float sc = ST == DType::I16 ? p.state_scale[e.src * HP + hp] : 1.f;
+      for (int64_t n = 0; n < N; ++n) s[n] = ld<ST>(p.state, off + n) * sc;
+    }
+    const float Dv = !p.has_D ? 0.f : ld_any(p.D, p.w_t, p.D_elem ? hp : h);
+    const float bias = p.bias_elem ? ld_any(p.dt_bias, p.w_t, hp) : bias_h;
+    for (int64_t t = 0; t < L; ++t) {
+      const int64_t row = e.row0 + t;
+      const float xv = ld<IT>(p.x, row * HP + hp);
+      float dt = dth[t];
+      if (p.dt_elem) {
+        dt = ld_any(p.dt, p.w_t, row * HP + hp) + bias;
+        if (p.softplus) dt = softplus20(dt);
+      }
+      const float* Bt = &Bf[t * N];
+      const float* Ct = &Cf[t * N];
+      float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};  // 8 lanes: vectorisable sum
+      if (p.A_elem) {
+        for (int64_t n = 0; n < N; ++n) dA[n] = std::exp(p.A[hp * N + n] * dt);
+        for (int64_t n = 0; n < N; ++n) {
+          s[n] = s[n] * dA[n] + (Bt[n] * dt) * xv;
+          acc[n & 7] += s[n] * Ct[n];
         }
-        const float Dv = !p.has_D ? 0.f : ld_any(p.D, p.w_t, p.D_elem ? hp : h);
-        const float bias = !p.has_bias ? 0.f : ld_any(p.dt_bias, p.w_t, p.bias_elem ? hp : h);
-        for (int64_t t = 0; t < e.len; ++t) {
-          const int64_t row = e.row0 + t;
-          const float xv = ld<IT>(p.x, row * HP + hp);
-          float dt = ld_any(p.dt, p.w_t, p.dt_elem ? row * HP + hp : row * H + h) + bias;
-          if (p.softplus) dt = softplus20(dt);
-          if (p.A_elem) {
-            for (int64_t n = 0; n < N; ++n) dA[n] = std::exp(p.A[hp * N + n] * dt);
-          } else {
-            std::fill(dA.begin(), dA.end(), std::exp(p.A[h] * dt));
-          }
-          const int64_t bc = (row * p.G + g) * N;
-          float y = 0.f;
-          for (int64_t n = 0; n < N; ++n) {
-            s[n] = s[n] * dA[n] + (ld<IT>(p.B, bc + n) * dt) * xv;
-            y += s[n] * ld<IT>(p.C, bc + n);
-          }
-          y += Dv * xv;
-          if (p.has_z) y = silu_gate(y, ld<IT>(p.z, row * HP + hp));
-          st_rn<IT>(p.out, row * HP + hp, y);
+      } else {
+        const float da = std::exp(p.A[h] * dt);
+        for (int64_t n = 0; n < N; ++n) {
+          s[n] = s[n] * da + (Bt[n] * dt) * xv;
+          acc[n & 7] += s[n] * Ct[n];
+        }
+      }
+      float y = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+      y += Dv * xv;
+      if (p.has_z) y = silu_gate(y, ld<IT>(p.z, row * HP + hp));
+      st_rn<IT>(p.out, row * HP + hp, y);
 
-          const int64_t d = state_write_slot(p, e, b, t);
-          if (d >= 0) store_row<ST>(p, p.state, p.state_scale, (d * HP + hp) * N, d * HP + hp,
-                                    s.data(), uint32_t(t), 0);
-          if (e.ii >= 0) {
-            const int64_t blk = (e.ii * p.CS + t) * HP + hp;
-            store_row<ST>(p, p.inter, p.inter_scales, blk * N, blk, s.data(), uint32_t(t), 1);
-          }
-        }
+      const int64_t d = state_write_slot(p, e, b, t);
+      if (d >= 0) store_row<ST>(p, p.state, p.state_scale, (d * HP + hp) * N, d * HP + hp,
+                                s.data(), uint32_t(t), 0);
+      if (e.ii >= 0) {
+        const int64_t blk = (e.ii * p.CS + t) * HP + hp;
+        store_row<ST>(p, p.inter, p.inter_scales, blk * N, blk, s.data(), uint32_t(t), 1);
       }
     }
   }
 }
 
-template <DType ST>
-void dispatch_input(const Params& p) {
-  switch (p.in_t) {
-    case DType::F32: return run<ST, DType::F32>(p);
-    case DType::BF16: return run<ST, DType::BF16>(p);
-    default: return run<ST, DType::F16>(p);
+template <DType ST, DType IT>
+void run_range(const Params& p, int64_t item0, int64_t item1) {
+  const float nan = std::numeric_limits<float>::quiet_NaN();
+  for (int64_t it = item0; it < item1; ++it) {
+    const int64_t b = it / p.H, h = it % p.H;
+    const Entry e = resolve_entry(p, b);
+    if (!e.valid) {  // NaN over the entry's rows, head h only: items stay disjoint
+      for (int64_t r = e.nan_lo; r < e.nan_hi; ++r)
+        for (int64_t pp = 0; pp < p.P; ++pp) st_rn<IT>(p.out, (r * p.H + h) * p.P + pp, nan);
+      continue;
+    }
+    if (e.len > 0) run_item<ST, IT>(p, e, b, h);
   }
 }
 
-ffi::Error SsuCpu(ffi::RemainingArgs args, ffi::RemainingRets rets, ffi::Dictionary attrs) {
+// Splits the (entry, head) items over the caller and XLA's intra-op thread pool. Tasks hold
+// the shared counter by value, so one that starts after the handler returned finds no work.
+template <DType ST, DType IT>
+void run(const Params& p, ffi::ThreadPool pool) {
+  if (p.varlen)  // rows that no sequence owns stay 0
+    for (int64_t i = 0; i < p.rows * p.H * p.P; ++i) st_rn<IT>(p.out, i, 0.f);
+  const int64_t items = p.nb * p.H;
+  const int64_t work = items * (p.T > 0 ? p.T : 1) * p.P * p.N;
+  const int64_t threads = std::min<int64_t>(pool.num_threads(), items);
+  if (threads <= 1 || work < (1 << 16)) return run_range<ST, IT>(p, 0, items);
+  const int64_t chunk = std::max<int64_t>(1, items / (4 * (threads + 1)));
+  struct Shared {
+    std::atomic<int64_t> next{0}, done{0};
+    std::mutex mu;
+    std::condition_variable cv;
+  };
+  auto sh = std::make_shared<Shared>();
+  auto worker = [sh, p, items, chunk]() {
+    for (;;) {
+      const int64_t i0 = sh->next.fetch_add(chunk);
+      if (i0 >= items) return;
+      const int64_t i1 = std::min(items, i0 + chunk);
+      run_range<ST, IT>(p, i0, i1);
+      if (sh->done.fetch_add(i1 - i0) + (i1 - i0) == items) {
+        std::lock_guard<std::mutex> lock(sh->mu);
+        sh->cv.notify_all();
+      }
+    }
+  };
+  for (int64_t i = 0; i < threads; ++i) pool.Schedule(decltype(worker)(worker));
+  worker();
+  std::unique_lock<std::mutex> lock(sh->mu);
+  sh->cv.wait(lock, [&] { return sh->done.load() == items; });
+}
+
+template <DType ST>
+void dispatch_input(const Params& p, ffi::ThreadPool pool) {
+  switch (p.in_t) {
+    case DType::F32: return run<ST, DType::F32>(p, pool);
+    case DType::BF16: return run<ST, DType::BF16>(p, pool);
+    default: return run<ST, DType::F16>(p, pool);
+  }
+}
+
+ffi::Error SsuCpu(ffi::ThreadPool pool, ffi::RemainingArgs args, ffi::RemainingRets rets,
+                  ffi::Dictionary attrs) {
   Params p;
   int64_t algorithm = 0;  // validated in Python; every strategy is the same loop on the CPU
   if (auto err = decode_params(args, rets, attrs, &p, &algorithm); err.failure()) return err;
   switch (p.state_t) {
-    case DType::F32: dispatch_input<DType::F32>(p); break;
-    case DType::BF16: dispatch_input<DType::BF16>(p); break;
-    case DType::F16: dispatch_input<DType::F16>(p); break;
-    case DType::I16: dispatch_input<DType::I16>(p); break;
+    case DType::F32: dispatch_input<DType::F32>(p, pool); break;
+    case DType::BF16: dispatch_input<DType::BF16>(p, pool); break;
+    case DType::F16: dispatch_input<DType::F16>(p, pool); break;
+    case DType::I16: dispatch_input<DType::I16>(p, pool); break;
   }
   return ffi::Error::Success();
 }
 
-XLA_FFI_DEFINE_HANDLER(kSsuCpu, SsuCpu, bind_ssu(ffi::Ffi::Bind()));
+XLA_FFI_DEFINE_HANDLER(kSsuCpu, SsuCpu, bind_ssu(ffi::Ffi::Bind().Ctx<ffi::ThreadPool>()));
 
 // Registered for the CUDA platform when the CUDA module was not built: runs on the host,
 // touches no buffer, and reports why.
