@@ -92,11 +92,11 @@ void run_item(const Params& p, const Entry& e, int64_t b, int64_t h) {
     }
   }
   const float bias_h = p.has_bias && !p.bias_elem ? ld_any(p.dt_bias, p.w_t, h) : 0.f;
-  if (!p.dt_elem)
-    for (int64_t t = 0; t < L; ++t) {
-      float d = ld_any(p.dt, p.w_t, (e.row0 + t) * H + h) + bias_h;
-      dth[t] = p.softplus ? softplus20(d) : d;
-    }
+  const bool dt_per_row = p.dt_elem || p.bias_elem;  // else dt' depends on (t, h) only
+  for (int64_t t = 0; t < L && !dt_per_row; ++t) {
+    float d = ld_any(p.dt, p.w_t, (e.row0 + t) * H + h) + bias_h;
+    dth[t] = p.softplus ? softplus20(d) : d;
+  }
   for (int64_t pp = 0; pp < P; ++pp) {
     const int64_t hp = h * P + pp;
     if (e.padded) {
@@ -112,8 +112,8 @@ void run_item(const Params& p, const Entry& e, int64_t b, int64_t h) {
       const int64_t row = e.row0 + t;
       const float xv = ld<IT>(p.x, row * HP + hp);
       float dt = dth[t];
-      if (p.dt_elem) {
-        dt = ld_any(p.dt, p.w_t, row * HP + hp) + bias;
+      if (dt_per_row) {
+        dt = ld_any(p.dt, p.w_t, p.dt_elem ? row * HP + hp : row * H + h) + bias;
         if (p.softplus) dt = softplus20(dt);
       }
       const float* Bt = &Bf[t * N];

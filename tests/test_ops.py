@@ -28,6 +28,8 @@ def _cases():
             "z_bias_softplus": dict(z=True, bias=True, softplus=True),
             "noD_noout": dict(D=False, out=False),
             "per_elem": dict(dt_elem=True, A_elem=True, DB_elem=True, bias=True),
+            "per_elem_bias_head_dt": dict(DB_elem=True, bias=True, softplus=True),
+            "per_elem_A_only": dict(A_elem=True, softplus=True),
             "ngroups1": dict(G=1),
             "ngroups_eq_heads": dict(G=4),
             "dst1d": dict(dst="1d"),
