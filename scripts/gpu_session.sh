@@ -29,8 +29,12 @@ if [ "${BENCH:-1}" = 1 ]; then
   python examples/decode_loop.py --batch 64 --slots 512 --heads 64 --dim 64 --dstate 128 \
     --ngroups 8 --layers 4 --steps 16 > "$OUT/example.log" 2>&1
   summary "example: $(tail -2 "$OUT/example.log" | tr '\n' ' ')"
-  for args in ${BENCH_CASES:-"--state-dtype bfloat16" "--state-dtype float32 --input-dtype float32"}; do
-    python -m jax_mamba.benchmark $args --batch 1 8 64 256 >> "$OUT/bench.log" 2>&1
+  cases=("--state-dtype bfloat16" "--state-dtype float32 --input-dtype float32"
+         "--state-dtype float16 --sr" "--state-dtype int16" "--state-dtype bfloat16 --mtp 4 --inter"
+         "--mamba1 --dim 8192 --dstate 16 --state-dtype float32 --input-dtype float32")
+  for args in "${cases[@]}"; do
+    # shellcheck disable=SC2086
+    python -m jax_mamba.benchmark $args --batch 1 8 64 256 --reps 10 >> "$OUT/bench.log" 2>&1
   done
   cat "$OUT/bench.log"
 fi
