@@ -1,0 +1,195 @@
+// CUDA handler of the jax_mamba_ssu FFI target: decodes the call frame (ssu_ffi.h), picks a
+// kernel strategy and launch shape (make_plan), launches on XLA's stream. No allocation, no
+// synchronisation, no host reads of device data: command-buffer (CUDA graph) compatible.
+#include <algorithm>
+#include <array>
+#include <atomic>
+#include <string>
+
+#include <cuda_runtime.h>
+
+#include "ssu_cuda_plan.cuh"
+#include "ssu_ffi.h"
+
+namespace ssu {
+namespace cuda {
+namespace {
+
+struct DeviceInfo {
+  int sms = 0;
+  int smem_optin = 48 * 1024;
+};
+
+// Per-device attributes, queried once per device (benign race: identical values).
+cudaError_t device_info(DeviceInfo* out) {
+  constexpr int kMaxDevices = 64;
+  static std::array<std::atomic<int>, kMaxDevices> sms{}, optin{};
+  int dev = 0;
+  cudaError_t err = cudaGetDevice(&dev);
+  if (err != cudaSuccess) return err;
+  if (dev >= 0 && dev < kMaxDevices && sms[dev].load(std::memory_order_relaxed) > 0) {
+    out->sms = sms[dev].load(std::memory_order_relaxed);
+    out->smem_optin = optin[dev].load(std::memory_order_relaxed);
+    return cudaSuccess;
+  }
+  err = cudaDeviceGetAttribute(&out->sms, cudaDevAttrMultiProcessorCount, dev);
+  if (err == cudaSuccess)
+    err = cudaDeviceGetAttribute(&out->smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev);
+  if (err != cudaSuccess) return err;
+  if (dev >= 0 && dev < kMaxDevices) {
+    optin[dev].store(out->smem_optin, std::memory_order_relaxed);
+    sms[dev].store(out->sms, std::memory_order_relaxed);
+  }
+  return cudaSuccess;
+}
+
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+int pow2_ceil(int64_t v) {
+  int r = 1;
+  while (r < v) r <<= 1;
+  return r;
+}
+int log2i(int v) {
+  int s = 0;
+  while ((1 << s) < v) ++s;
+  return s;
+}
+
+// Algorithm ids (jax_mamba/ops.py): 0 auto, 1 simple, 2 vertical, 3 horizontal.
+//
+// Register kernel (ssu_reg): needs N % E == 0 and N <= 1024, E = 16 / sizeof(state) (4 for
+// float32, 8 for 16-bit and int16 states).
+//   simple:     NV = smallest of {1,2,4,(8)} with 32*NV*E >= N; L = lanes per row (<= 32).
+//   horizontal: NV = largest with E*NV <= 32 values per lane, reduced while NV/2 vectors
+//               cover the row; L = the remaining lanes (1 for N <= 32 fp32 / 32 16-bit).
+// Generic kernel (ssu_generic): everything else (simple/auto only).
+// vertical: not implemented (error).
+bool make_plan(const Params& p, int64_t algorithm, const DeviceInfo& di, Plan* pl,
+               std::string* why) {
+  if (algorithm == 2) {
+    *why = "algorithm='vertical' is not implemented by the CUDA backend (use 'auto', 'simple' "
+           "or 'horizontal')";
+    return false;
+  }
+  if (algorithm < 0 || algorithm > 3) {
+    *why = "unknown algorithm id " + std::to_string(algorithm);
+    return false;
+  }
+  const int64_t H = p.H, P = p.P, N = p.N;
+  pl->kernel = Kernel::kNone;
+  if (H <= 0 || P <= 0 || p.nb < 0 || p.rows < 0) return true;
+  if (p.nb == 0 && (!p.varlen || p.rows == 0)) return true;
+  if (H * P >= int64_t(INT32_MAX) || N >= int64_t(INT32_MAX) || p.S >= int64_t(INT32_MAX) ||
+      p.rows >= int64_t(INT32_MAX) || p.nb >= int64_t(INT32_MAX) ||
+      p.I * p.CS >= int64_t(INT32_MAX)) {
+    *why = "nheads*dim, dstate, cache slots, tokens, batch and intermediate rows*steps must be "
+           "below 2^31 for the CUDA kernels";
+    return false;
+  }
+
+  const bool f32 = p.state_t == DType::F32;
+  const int E = f32 ? 4 : 8;
+  const int nv_max = f32 ? 8 : 4;  // 32 fp32 values per lane at most
+  const bool vec = N > 0 && N % E == 0 && N / E <= 32 * nv_max;
+  const int64_t nvec = vec ? N / E : 0;
+
+  Launch& l = pl->l;
+  if (algorithm == 3 && !vec) {
+    *why = "algorithm='horizontal' needs dstate to be a multiple of " + std::to_string(E) +
+           " and at most 1024 for this state dtype, got dstate=" + std::to_string(N);
+    return false;
+  }
+  if (vec) {
+    int nv = 1;
+    if (algorithm == 3) {
+      nv = nv_max;
+      while (nv > 1 && nv / 2 >= nvec) nv /= 2;
+    } else {
+      while (nv * 32 < nvec) nv *= 2;
+    }
+    const int L = pow2_ceil(ceil_div(nvec, nv));
+    const int V = E * nv;
+    const int rmax = rows_per_lane(V);
+    // Rows per lane group: as many as keep >= 2 full waves of resident threads (more rows
+    // per lane = more loads in flight and B/C reuse; fewer = more CTAs at small batch).
+    const double rows_total = double(p.nb) * double(H) * double(P);
+    const double resident = double(di.sms) * 2048.0;
+    int R = rmax;
+    while (R > 1 && rows_total * L / R < 2.0 * resident) R /= 2;
+    int64_t ng = std::min<int64_t>(256 / L, ceil_div(P, R));
+    int threads = int(std::min<int64_t>(256, ceil_div(ng * L, 32) * 32));
+    pl->kernel = Kernel::kReg;
+    pl->nv = nv;
+    pl->threads = threads;
+    pl->smem = 0;
+    l.lshift = log2i(L);
+    l.R = R;
+    l.rows_cta = (threads / L) * R;
+  } else {
+    const size_t row_bytes = size_t(N > 0 ? N : 0) * sizeof(float);
+    int warps = int(std::min<int64_t>(4, P));
+    while (warps > 1 && warps * row_bytes > 48 * 1024) --warps;
+    const size_t smem = warps * row_bytes;
+    if (smem > size_t(di.smem_optin)) {
+      *why = "dstate=" + std::to_string(N) + " is too large for the CUDA kernels (one fp32 "
+             "state row must fit in shared memory)";
+      return false;
+    }
+    pl->kernel = Kernel::kGeneric;
+    pl->nv = 0;
+    pl->threads = 32 * warps;
+    pl->smem = smem;
+    l.lshift = 5;
+    l.R = 1;
+    l.rows_cta = warps;
+  }
+  l.chunks = ceil_div(P, l.rows_cta);
+  l.main_blocks = p.nb * H * l.chunks;
+  l.zero_blocks = 0;
+  if (p.varlen) {
+    const int64_t elems = p.rows * H * P;
+    l.zero_blocks = std::max<int64_t>(1, std::min<int64_t>(1024, ceil_div(elems, pl->threads * 16)));
+  }
+  if (l.main_blocks + l.zero_blocks > int64_t(INT32_MAX)) {
+    *why = "problem too large for one CUDA grid";
+    return false;
+  }
+  return true;
+}
+
+ffi::Error SsuCuda(cudaStream_t stream, ffi::RemainingArgs args, ffi::RemainingRets rets,
+                   ffi::Dictionary attrs) {
+  Params p;
+  int64_t algorithm = 0;
+  if (auto err = decode_params(args, rets, attrs, &p, &algorithm); err.failure()) return err;
+  DeviceInfo di;
+  if (cudaError_t err = device_info(&di); err != cudaSuccess)
+    return ffi::Error::Internal(std::string("jax_mamba_ssu: ") + cudaGetErrorString(err));
+  Plan plan;
+  std::string why;
+  if (!make_plan(p, algorithm, di, &plan, &why)) return bad(why);
+  if (plan.kernel == Kernel::kNone) return ffi::Error::Success();
+  cudaError_t err = cudaErrorInvalidValue;
+  switch (p.state_t) {
+    case DType::F32: err = launch_state<DType::F32>(p, plan, stream); break;
+    case DType::BF16: err = launch_state<DType::BF16>(p, plan, stream); break;
+    case DType::F16: err = launch_state<DType::F16>(p, plan, stream); break;
+    case DType::I16: err = launch_state<DType::I16>(p, plan, stream); break;
+  }
+  if (err == cudaSuccess) err = cudaGetLastError();
+  if (err != cudaSuccess)
+    return ffi::Error::Internal(std::string("jax_mamba_ssu: CUDA launch failed: ") +
+                                cudaGetErrorString(err));
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER(kSsuCuda, SsuCuda,
+                       bind_ssu(ffi::Ffi::Bind().Ctx<ffi::PlatformStream<cudaStream_t>>()),
+                       {ffi::Traits::kCmdBufferCompatible});
+
+void* handler() { return reinterpret_cast<void*>(kSsuCuda); }
+
+}  // namespace cuda
+}  // namespace ssu

@@ -1,0 +1,657 @@
+// CUDA kernels of selective_state_update (SPEC §3) on ssu::Params.
+//
+// Two kernels, both templated only on the state dtype ST and the input dtype IT (x/B/C/z/out):
+//
+//  * ssu_reg<ST, IT, NV>: the fast path. A state row (one (slot, head, p)) is owned by a group
+//    of L = 2^lshift lanes (L <= 32, runtime); lane `j` holds NV 16-byte vectors of the row
+//    (columns [(j + k*L)*E, +E), E = 16 / sizeof(state)), converted to fp32 registers. A lane
+//    group owns R rows (R <= RMAX(E*NV), runtime) so R rows' loads are in flight at once and
+//    B/C are loaded once per step for all R rows. The fp32 state stays in registers across
+//    all T steps; out[row] = group-shuffle reduction. Needs N % E == 0 and N/E <= 32*NV.
+//    "simple" = the widest groups (L up to 32, a warp sweeping a row); "horizontal" = the
+//    narrowest groups (up to 32 values per lane accumulated sequentially, L as small as 1).
+//  * ssu_generic<ST, IT>: any N. One warp per row, fp32 state row in shared memory, scalar
+//    loads. Used when N is not a multiple of E or too large for the register kernel.
+//
+// Every CTA works on one (entry, head, row chunk): entry = batch row or varlen sequence, so
+// resolve_entry (ssu_params.h) runs uniformly per CTA on device-resident indices.
+// Varlen write ordering: the CPU handler processes entries in order, so an out row named by
+// several (invalid, overlapping) cu_seqlens spans keeps the last entry's value. Here entry b
+// skips its out stores on rows covered by any later entry's span: the union of the later
+// spans is [min_{i>b} cu[i], max_{i>b} cu[i]) (consecutive spans form a connected path),
+// clamped to [0, rows). Rows outside [min cu, max cu) are zeroed by extra "zero" CTAs.
+#pragma once
+#include <cstdint>
+#include <cuda_fp16.h>
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include "ssu_cuda_plan.cuh"
+#include "ssu_math.h"
+#include "ssu_params.h"
+
+namespace ssu {
+namespace cuda {
+
+template <DType T> struct Stor;
+template <> struct Stor<DType::F32> { using type = float; };
+template <> struct Stor<DType::BF16> { using type = uint16_t; };
+template <> struct Stor<DType::F16> { using type = uint16_t; };
+template <> struct Stor<DType::I16> { using type = int16_t; };
+
+// ---------------------------------------------------------------------------------------------
+// scalar and vector conversions
+// ---------------------------------------------------------------------------------------------
+
+template <DType T>
+__device__ __forceinline__ float half_word(uint32_t w, int hi) {  // 16-bit element of a word
+  const uint32_t h = hi ? (w >> 16) : (w & 0xffffu);
+  if constexpr (T == DType::BF16) return __uint_as_float(h << 16);
+  else if constexpr (T == DType::F16) return __half2float(__ushort_as_half((unsigned short)h));
+  else return float(int32_t(h << 16) >> 16);  // I16
+}
+
+template <DType T>
+__device__ __forceinline__ float ld_scalar(const void* base, int64_t i) {  // read-only inputs
+  if constexpr (T == DType::F32) return __ldg(static_cast<const float*>(base) + i);
+  else {
+    const uint16_t u = __ldg(static_cast<const unsigned short*>(base) + i);
+    if constexpr (T == DType::BF16) return __uint_as_float(uint32_t(u) << 16);
+    else if constexpr (T == DType::F16) return __half2float(__ushort_as_half(u));
+    else return float(int16_t(u));
+  }
+}
+
+// dt / D / dt_bias: dtype known only at run time (uniform branch).
+__device__ __forceinline__ float ld_w(const void* base, DType t, int64_t i) {
+  switch (t) {
+    case DType::F32: return ld_scalar<DType::F32>(base, i);
+    case DType::BF16: return ld_scalar<DType::BF16>(base, i);
+    default: return ld_scalar<DType::F16>(base, i);
+  }
+}
+
+template <DType T>
+__device__ __forceinline__ uint16_t to16_rn(float v) {
+  if constexpr (T == DType::BF16) return f32_to_bf16_rn(v);
+  else return __half_as_ushort(__float2half_rn(v));
+}
+
+// out / NaN / zero stores (round to nearest even).
+template <DType T>
+__device__ __forceinline__ void st_out(void* base, int64_t i, float v) {
+  if constexpr (T == DType::F32) static_cast<float*>(base)[i] = v;
+  else static_cast<uint16_t*>(base)[i] = to16_rn<T>(v);
+}
+
+// E consecutive input elements (E * sizeof(T) bytes, aligned to that size) as fp32.
+template <DType T, int E>
+__device__ __forceinline__ void ld_in_vec(const void* base, int64_t i, float (&v)[E]) {
+  if constexpr (T == DType::F32) {
+    const float4* q = reinterpret_cast<const float4*>(static_cast<const float*>(base) + i);
+#pragma unroll
+    for (int j = 0; j < E / 4; ++j) {
+      const float4 f = __ldg(q + j);
+      v[4 * j] = f.x; v[4 * j + 1] = f.y; v[4 * j + 2] = f.z; v[4 * j + 3] = f.w;
+    }
+  } else {
+    const uint16_t* b = static_cast<const uint16_t*>(base) + i;
+    uint32_t w[E / 2];
+    if constexpr (E == 8) {
+      const uint4 u = __ldg(reinterpret_cast<const uint4*>(b));
+      w[0] = u.x; w[1] = u.y; w[2] = u.z; w[3] = u.w;
+    } else {
+      static_assert(E == 4, "16-bit input vectors are 4 or 8 elements");
+      const uint2 u = __ldg(reinterpret_cast<const uint2*>(b));
+      w[0] = u.x; w[1] = u.y;
+    }
+#pragma unroll
+    for (int j = 0; j < E / 2; ++j) {
+      v[2 * j] = half_word<T>(w[j], 0);
+      v[2 * j + 1] = half_word<T>(w[j], 1);
+    }
+  }
+}
+
+// One 16-byte state vector (E elements) -> fp32 (streaming load: read once, written once).
+template <DType ST, int E>
+__device__ __forceinline__ void ld_state_vec(const void* base, int64_t i, float* v) {
+  const uint4 u = __ldcs(reinterpret_cast<const uint4*>(
+      static_cast<const typename Stor<ST>::type*>(base) + i));
+  if constexpr (ST == DType::F32) {
+    v[0] = __uint_as_float(u.x); v[1] = __uint_as_float(u.y);
+    v[2] = __uint_as_float(u.z); v[3] = __uint_as_float(u.w);
+  } else {
+    const uint32_t w[4] = {u.x, u.y, u.z, u.w};
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      v[2 * j] = half_word<ST>(w[j], 0);
+      v[2 * j + 1] = half_word<ST>(w[j], 1);
+    }
+  }
+}
+
+struct StoreCtx {  // what a state store needs besides the values
+  bool sr;
+  int rounds;
+  uint32_t k0, k1;
+};
+
+// Stores E fp32 values as one 16-byte state vector at element offset `off` (off % E == 0).
+// `sc`: the int16 row scale. SR bit assignment as in ssu_cpu.cc: element e = off + i takes
+// word e % 4 of sr_block(e, t, kind); off % 8 == 0 for 16-bit states, so the vector holds
+// exactly the two Philox blocks off/4 and off/4 + 1.
+template <DType ST, int E>
+__device__ __forceinline__ void st_state_vec(void* base, int64_t off, const float* v, float sc,
+                                             const StoreCtx& sx, uint32_t t, uint32_t kind) {
+  uint4* dst = reinterpret_cast<uint4*>(static_cast<typename Stor<ST>::type*>(base) + off);
+  if constexpr (ST == DType::F32) {
+    __stcs(reinterpret_cast<float4*>(dst), make_float4(v[0], v[1], v[2], v[3]));
+  } else {
+    uint32_t w[4];
+    if constexpr (ST == DType::I16) {
+#pragma unroll
+      for (int j = 0; j < 4; ++j)
+        w[j] = uint32_t(uint16_t(int16_encode(v[2 * j], sc))) |
+               (uint32_t(uint16_t(int16_encode(v[2 * j + 1], sc))) << 16);
+    } else {
+      if (sx.sr) {
+        const Rand4 r0 = sr_block(uint64_t(off), t, kind, sx.k0, sx.k1, sx.rounds);
+        const Rand4 r1 = sr_block(uint64_t(off) + 4, t, kind, sx.k0, sx.k1, sx.rounds);
+        uint16_t q[8];
+#pragma unroll
+        for (int i = 0; i < 8; ++i) {
+          const uint32_t rnd = i < 4 ? r0.r[i] : r1.r[i - 4];
+          q[i] = ST == DType::BF16 ? f32_to_bf16_sr(v[i], rnd) : f32_to_f16_sr(v[i], rnd);
+        }
+#pragma unroll
+        for (int j = 0; j < 4; ++j) w[j] = uint32_t(q[2 * j]) | (uint32_t(q[2 * j + 1]) << 16);
+      } else if constexpr (ST == DType::BF16) {
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+          const __nv_bfloat162 h = __floats2bfloat162_rn(v[2 * j], v[2 * j + 1]);
+          w[j] = *reinterpret_cast<const uint32_t*>(&h);
+        }
+      } else {
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+          const __half2 h = __floats2half2_rn(v[2 * j], v[2 * j + 1]);
+          w[j] = *reinterpret_cast<const uint32_t*>(&h);
+        }
+      }
+    }
+    __stcs(dst, make_uint4(w[0], w[1], w[2], w[3]));
+  }
+}
+
+// One state element (generic kernel): plain loads/stores, SR per element.
+template <DType ST>
+__device__ __forceinline__ float ld_state_scalar(const void* base, int64_t i) {
+  const auto u = static_cast<const typename Stor<ST>::type*>(base)[i];
+  if constexpr (ST == DType::F32) return u;
+  else if constexpr (ST == DType::I16) return float(u);
+  else return half_word<ST>(uint32_t(u), 0);
+}
+
+template <DType ST>
+__device__ __forceinline__ void st_state_scalar(void* base, int64_t i, float v, float sc,
+                                                const StoreCtx& sx, uint32_t t, uint32_t kind) {
+  auto* q = static_cast<typename Stor<ST>::type*>(base);
+  if constexpr (ST == DType::F32) q[i] = v;
+  else if constexpr (ST == DType::I16) q[i] = int16_encode(v, sc);
+  else {
+    if (sx.sr) {
+      const Rand4 r = sr_block(uint64_t(i), t, kind, sx.k0, sx.k1, sx.rounds);
+      const int w = int(i & 3);
+      const uint32_t rnd = w == 0 ? r.r[0] : w == 1 ? r.r[1] : w == 2 ? r.r[2] : r.r[3];
+      q[i] = ST == DType::BF16 ? f32_to_bf16_sr(v, rnd) : f32_to_f16_sr(v, rnd);
+    } else {
+      q[i] = to16_rn<ST>(v);
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// recurrence scalars (fast intrinsics; the state/out encodings above are exact)
+// ---------------------------------------------------------------------------------------------
+
+__device__ __forceinline__ float dev_softplus(float v) {
+  return v <= 20.f ? log1pf(__expf(v)) : v;
+}
+__device__ __forceinline__ float dev_gate(float y, float z) {
+  return y * (z / (1.f + __expf(-z)));
+}
+
+template <int WIDTH>
+__device__ __forceinline__ float group_sum(float v, int L) {
+#pragma unroll
+  for (int o = WIDTH / 2; o > 0; o >>= 1)
+    if (o < L) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+template <int WIDTH>
+__device__ __forceinline__ float group_max(float v, int L) {
+#pragma unroll
+  for (int o = WIDTH / 2; o > 0; o >>= 1)
+    if (o < L) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+  return v;
+}
+
+__device__ __forceinline__ float dt_value(const Params& p, int64_t row, int64_t h, int64_t hp,
+                                          float bias) {
+  float d = ld_w(p.dt, p.w_t, p.dt_elem ? row * p.H * p.P + hp : row * p.H + h) + bias;
+  return p.softplus ? dev_softplus(d) : d;
+}
+
+__device__ __forceinline__ StoreCtx store_ctx(const Params& p, bool sr_dtype) {
+  StoreCtx s{false, p.philox_rounds, 0u, 0u};
+  if (sr_dtype && p.has_seed) {
+    s.sr = true;
+    s.k0 = __ldg(p.seed);
+    s.k1 = __ldg(p.seed + 1);
+  }
+  return s;
+}
+
+// ---------------------------------------------------------------------------------------------
+// CTA prologue: grid decomposition, varlen coverage, zero fill, invalid entries
+// ---------------------------------------------------------------------------------------------
+
+// min / max of cu_seqlens[i0..i1] over the CTA (INT64_MAX / INT64_MIN when empty).
+// Called by every thread of the CTA, at most once per CTA.
+__device__ __forceinline__ void block_minmax(const Params& p, int64_t i0, int64_t i1,
+                                             int64_t& mn, int64_t& mx) {
+  __shared__ long long smn[32], smx[32];
+  long long a = INT64_MAX, z = INT64_MIN;
+  for (int64_t i = i0 + threadIdx.x; i <= i1; i += blockDim.x) {
+    const long long v = load_index(p.cu, p.cu64, i);
+    a = v < a ? v : a;
+    z = v > z ? v : z;
+  }
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) {
+    const long long a2 = __shfl_xor_sync(0xffffffffu, a, o);
+    const long long z2 = __shfl_xor_sync(0xffffffffu, z, o);
+    a = a2 < a ? a2 : a;
+    z = z2 > z ? z2 : z;
+  }
+  const int warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
+  if ((threadIdx.x & 31) == 0) { smn[warp] = a; smx[warp] = z; }
+  __syncthreads();
+  a = smn[0]; z = smx[0];
+  for (int w = 1; w < nw; ++w) {
+    a = smn[w] < a ? smn[w] : a;
+    z = smx[w] > z ? smx[w] : z;
+  }
+  mn = a; mx = z;
+}
+
+template <DType IT>
+__device__ void zero_fill(const Params& p, const Launch& l, int64_t zb) {
+  int64_t mn, mx;
+  block_minmax(p, 0, p.nb, mn, mx);
+  const int64_t lo = clamp_rows(mn, p.rows);
+  int64_t hi = clamp_rows(mx, p.rows);
+  if (hi < lo) hi = lo;
+  const int64_t HP = p.H * p.P, n1 = lo * HP, n = n1 + (p.rows - hi) * HP;
+  for (int64_t i = zb * blockDim.x + threadIdx.x; i < n; i += l.zero_blocks * blockDim.x)
+    st_out<IT>(p.out, i < n1 ? i : hi * HP + (i - n1), 0.f);
+}
+
+// One CTA's entry, resolved (valid and non-empty). 32-bit fields: slot, row and entry counts
+// are below 2^31 (checked on the host); element offsets are formed in 64 bits where used.
+struct Ctx {
+  int b, h, chunk;
+  int row0, len, src, ii;  // first row, steps, slot read, intermediate row (-1: none)
+  bool padded;
+  int cov_lo, cov_hi;      // out rows written by later entries (varlen): skip ours there
+  __device__ bool covered(int r) const { return r >= cov_lo && r < cov_hi; }
+  // Slot of `state` written after step t (-1: none), per ssu_params.h.
+  __device__ int write_slot(const Params& p, int t) const {
+    const Entry e{row0, len, src, ii, true, padded, 0, 0};
+    return int(state_write_slot(p, e, b, t));
+  }
+};
+
+// Returns false when the CTA has nothing left to do (zero CTA, invalid entry, empty entry).
+template <DType IT>
+__device__ __forceinline__ bool prologue(const Params& p, const Launch& l, Ctx& c) {
+  const int64_t blk = blockIdx.x;
+  if (blk >= l.main_blocks) {
+    zero_fill<IT>(p, l, blk - l.main_blocks);
+    return false;
+  }
+  // 32-bit divisions (the grid is < 2^31 CTAs; 64-bit division is a slow call)
+  const unsigned ublk = unsigned(blk), uch = unsigned(l.chunks), uH = unsigned(p.H);
+  c.chunk = int(ublk % uch);
+  const unsigned bh = ublk / uch;
+  c.h = int(bh % uH);
+  c.b = int(bh / uH);
+  c.cov_lo = 0;
+  c.cov_hi = 0;
+  if (p.varlen) {
+    int64_t mn, mx;
+    block_minmax(p, c.b + 1, p.nb, mn, mx);
+    c.cov_lo = int(clamp_rows(mn, p.rows));
+    c.cov_hi = int(clamp_rows(mx, p.rows));
+  }
+  const Entry e = resolve_entry(p, c.b);
+  if (!e.valid) {  // NaN over the entry's rows, this CTA's (head, row chunk) part
+    const int p0 = c.chunk * l.rows_cta;
+    const int p1 = p0 + l.rows_cta < p.P ? p0 + l.rows_cta : int(p.P);
+    const float nan = __int_as_float(0x7fc00000);
+    for (int row = int(e.nan_lo); row < int(e.nan_hi); ++row) {
+      if (c.covered(row)) continue;
+      for (int pp = p0 + int(threadIdx.x); pp < p1; pp += blockDim.x)
+        st_out<IT>(p.out, (int64_t(row) * p.H + c.h) * p.P + pp, nan);
+    }
+    return false;
+  }
+  c.row0 = int(e.row0);
+  c.len = int(e.len);
+  c.src = int(e.src);
+  c.ii = int(e.ii);
+  c.padded = e.padded;
+  return e.len > 0;
+}
+
+// ---------------------------------------------------------------------------------------------
+// register kernel
+// ---------------------------------------------------------------------------------------------
+
+// Occupancy floor: 4 CTAs of 256 threads (64 registers) for up to 8 state values per lane,
+// 2 CTAs (128 registers) above. Rows per lane group: rows_per_lane() in ssu_cuda_plan.cuh.
+template <DType ST, int NV>
+struct RegMinBlocks {
+  static constexpr int value = 16 / int(sizeof(typename Stor<ST>::type)) * NV <= 8 ? 4 : 2;
+};
+
+template <DType ST, DType IT, int NV>
+__global__ void __launch_bounds__(256, RegMinBlocks<ST, NV>::value)
+    ssu_reg(const Params p, const Launch l) {
+  constexpr int E = 16 / int(sizeof(typename Stor<ST>::type));
+  constexpr int V = E * NV;
+  constexpr int RM = rows_per_lane(V);
+  constexpr bool kSR = ST == DType::BF16 || ST == DType::F16;
+
+  Ctx c;
+  if (!prologue<IT>(p, l, c)) return;
+  const int L = 1 << l.lshift;
+  const int lane = threadIdx.x & (L - 1);
+  const int NG = blockDim.x >> l.lshift;
+  // H*P < 2^31 (checked on the host): row ids within a slot fit in 32 bits; element offsets
+  // below are 64-bit.
+  const int HP = int(p.H * p.P);
+  const int h = int(c.h);
+  const int64_t N = p.N;
+  const int g = h / (int(p.H) / int(p.G));
+  const int nvec = int(N / E);
+
+  int hp[RM];
+  unsigned act = 0;  // bit r: row r of this lane group exists
+  {
+    const int p0 = int(c.chunk) * l.rows_cta + (threadIdx.x >> l.lshift);
+#pragma unroll
+    for (int r = 0; r < RM; ++r) {
+      const int pr = p0 + r * NG;
+      const bool a = r < l.R && pr < p.P;
+      act |= unsigned(a) << r;
+      hp[r] = h * int(p.P) + (a ? pr : 0);
+    }
+  }
+  auto on = [&](int r) { return (act >> r) & 1u; };
+  auto vok = [&](int k) { return lane + k * L < nvec; };
+  auto col = [&](int k) { return int64_t(lane + k * L) * E; };
+
+  // ---- load the source rows (zeros when padded) ----
+  float s[RM][V];
+#pragma unroll
+  for (int r = 0; r < RM; ++r)
+#pragma unroll
+    for (int i = 0; i < V; ++i) s[r][i] = 0.f;
+  if (!c.padded) {
+    const int64_t base = int64_t(c.src) * HP;
+#pragma unroll
+    for (int r = 0; r < RM; ++r) {
+      if (!on(r)) continue;
+#pragma unroll
+      for (int k = 0; k < NV; ++k)
+        if (vok(k)) ld_state_vec<ST, E>(p.state, (base + hp[r]) * N + col(k), &s[r][k * E]);
+    }
+    if constexpr (ST == DType::I16) {
+#pragma unroll
+      for (int r = 0; r < RM; ++r) {
+        const float sc = on(r) ? p.state_scale[base + hp[r]] : 0.f;
+#pragma unroll
+        for (int i = 0; i < V; ++i) s[r][i] *= sc;
+      }
+    }
+  }
+
+  // per-head parameters (per-element ones are read where used)
+  const float Dh = p.has_D && !p.D_elem ? ld_w(p.D, p.w_t, h) : 0.f;
+  const float bias_h = p.has_bias && !p.bias_elem ? ld_w(p.dt_bias, p.w_t, h) : 0.f;
+  const bool dt_row = p.dt_elem || p.bias_elem;  // dt differs between rows
+  const float Ah = p.A_elem ? 0.f : __ldg(p.A + h);
+
+  // Stores the R rows at row block `rb` (state: slot*HP, intermediate: (ii*CS + t)*HP).
+  auto store_rows = [&](void* base, float* scales, int64_t rb, uint32_t t, uint32_t kind) {
+    const StoreCtx sx = store_ctx(p, kSR);
+#pragma unroll
+    for (int r = 0; r < RM; ++r) {
+      float sc = 1.f;
+      if constexpr (ST == DType::I16) {
+        float am = 0.f;
+#pragma unroll
+        for (int i = 0; i < V; ++i) am = fmaxf(am, fabsf(s[r][i]));
+        am = group_max<32>(am, L);
+        sc = int16_scale(am);
+        if (lane == 0 && on(r)) scales[rb + hp[r]] = sc;
+      }
+      if (!on(r)) continue;
+#pragma unroll
+      for (int k = 0; k < NV; ++k)
+        if (vok(k))
+          st_state_vec<ST, E>(base, (rb + hp[r]) * N + col(k), &s[r][k * E], sc, sx, t, kind);
+    }
+  };
+
+  for (int t = 0; t < c.len; ++t) {
+    const int row = c.row0 + t;
+    const int64_t bc = (int64_t(row) * p.G + g) * N;
+    const int64_t xrow = int64_t(row) * HP;
+    // B and C of this step: held for all rows when the lane carries several rows
+    float Bv[RM > 1 ? V : 1], Cv[RM > 1 ? V : 1];
+    if constexpr (RM > 1) {
+#pragma unroll
+      for (int k = 0; k < NV; ++k) {
+        if (vok(k)) {
+          ld_in_vec<IT, E>(p.B, bc + col(k), *reinterpret_cast<float(*)[E]>(&Bv[k * E]));
+          ld_in_vec<IT, E>(p.C, bc + col(k), *reinterpret_cast<float(*)[E]>(&Cv[k * E]));
+        } else {
+#pragma unroll
+          for (int i = 0; i < E; ++i) { Bv[k * E + i] = 0.f; Cv[k * E + i] = 0.f; }
+        }
+      }
+    }
+    float dt_h = 0.f;
+    if (!dt_row) dt_h = dt_value(p, row, h, 0, bias_h);
+    const float dA_h = __expf(Ah * dt_h);
+    float y[RM], xr[RM];
+#pragma unroll
+    for (int r = 0; r < RM; ++r) {
+      xr[r] = on(r) ? ld_scalar<IT>(p.x, xrow + hp[r]) : 0.f;
+      float dtr = dt_h, dA = dA_h;
+      if (dt_row) {
+        const float b = p.has_bias && p.bias_elem ? ld_w(p.dt_bias, p.w_t, hp[r]) : bias_h;
+        dtr = dt_value(p, row, h, hp[r], b);
+        dA = __expf(Ah * dtr);
+      }
+      float acc = 0.f;
+#pragma unroll
+      for (int k = 0; k < NV; ++k) {
+        if (!vok(k)) continue;
+        float Bk[E], Ck[E];
+        if constexpr (RM > 1) {
+#pragma unroll
+          for (int i = 0; i < E; ++i) { Bk[i] = Bv[k * E + i]; Ck[i] = Cv[k * E + i]; }
+        } else {
+          ld_in_vec<IT, E>(p.B, bc + col(k), Bk);
+          ld_in_vec<IT, E>(p.C, bc + col(k), Ck);
+        }
+        float a[E];
+        if (p.A_elem) {
+          const float4* ap = reinterpret_cast<const float4*>(p.A + int64_t(hp[r]) * N + col(k));
+#pragma unroll
+          for (int j = 0; j < E / 4; ++j) {
+            const float4 f = __ldg(ap + j);
+            a[4 * j] = __expf(f.x * dtr); a[4 * j + 1] = __expf(f.y * dtr);
+            a[4 * j + 2] = __expf(f.z * dtr); a[4 * j + 3] = __expf(f.w * dtr);
+          }
+        } else {
+#pragma unroll
+          for (int i = 0; i < E; ++i) a[i] = dA;
+        }
+#pragma unroll
+        for (int i = 0; i < E; ++i) {
+          // same association as the CPU: s*dA + (B*dt)*x (contracted to FMAs)
+          const float sv = s[r][k * E + i] * a[i] + (Bk[i] * dtr) * xr[r];
+          s[r][k * E + i] = sv;
+          acc += sv * Ck[i];
+        }
+      }
+      y[r] = acc;
+    }
+#pragma unroll
+    for (int r = 0; r < RM; ++r) y[r] = group_sum<32>(y[r], L);
+    if (lane == 0 && !c.covered(row)) {
+#pragma unroll
+      for (int r = 0; r < RM; ++r) {
+        if (!on(r)) continue;
+        const float Dv = p.has_D && p.D_elem ? ld_w(p.D, p.w_t, hp[r]) : Dh;
+        float v = y[r] + Dv * xr[r];
+        if (p.has_z) v = dev_gate(v, ld_scalar<IT>(p.z, xrow + hp[r]));
+        st_out<IT>(p.out, xrow + hp[r], v);
+      }
+    }
+    const int d = c.write_slot(p, t);
+    if (d >= 0) store_rows(p.state, p.state_scale, int64_t(d) * HP, uint32_t(t), 0u);
+    if (c.ii >= 0 && t < p.CS)
+      store_rows(p.inter, p.inter_scales, (c.ii * p.CS + t) * HP, uint32_t(t), 1u);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// generic kernel: any N, one warp per row, fp32 state row in shared memory
+// ---------------------------------------------------------------------------------------------
+
+template <DType ST, DType IT>
+__global__ void __launch_bounds__(128) ssu_generic(const Params p, const Launch l) {
+  extern __shared__ float smem[];
+  constexpr bool kSR = ST == DType::BF16 || ST == DType::F16;
+  Ctx c;
+  if (!prologue<IT>(p, l, c)) return;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int64_t H = p.H, P = p.P, N = p.N, HP = H * P;
+  const int64_t h = c.h, g = c.h / (int(p.H) / int(p.G));
+  const int64_t pr = c.chunk * l.rows_cta + warp;
+  if (pr >= P) return;  // whole warp
+  const int64_t hp = h * P + pr;
+  float* s = smem + int64_t(warp) * N;  // each lane touches only its columns n = lane mod 32
+
+  if (c.padded) {
+    for (int64_t n = lane; n < N; n += 32) s[n] = 0.f;
+  } else {
+    const int64_t off = (int64_t(c.src) * HP + hp) * N;
+    const float sc = ST == DType::I16 ? p.state_scale[int64_t(c.src) * HP + hp] : 1.f;
+    for (int64_t n = lane; n < N; n += 32) s[n] = ld_state_scalar<ST>(p.state, off + n) * sc;
+  }
+  const float Dv = p.has_D ? ld_w(p.D, p.w_t, p.D_elem ? hp : h) : 0.f;
+  const float bias = p.has_bias ? ld_w(p.dt_bias, p.w_t, p.bias_elem ? hp : h) : 0.f;
+  const float Ah = p.A_elem ? 0.f : __ldg(p.A + h);
+  const StoreCtx sx = store_ctx(p, kSR);
+
+  auto store_row = [&](void* base, float* scales, int64_t rb, uint32_t t, uint32_t kind) {
+    float sc = 1.f;
+    if constexpr (ST == DType::I16) {
+      float am = 0.f;
+      for (int64_t n = lane; n < N; n += 32) am = fmaxf(am, fabsf(s[n]));
+      am = group_max<32>(am, 32);
+      sc = int16_scale(am);
+      if (lane == 0) scales[rb + hp] = sc;
+    }
+    const int64_t off = (rb + hp) * N;
+    for (int64_t n = lane; n < N; n += 32) st_state_scalar<ST>(base, off + n, s[n], sc, sx, t, kind);
+  };
+
+  for (int t = 0; t < c.len; ++t) {
+    const int64_t row = c.row0 + t;
+    const int64_t bc = (row * p.G + g) * N;
+    const float dt = dt_value(p, row, h, hp, bias);
+    const float xv = ld_scalar<IT>(p.x, row * HP + hp);
+    const float dAh = __expf(Ah * dt);
+    float y = 0.f;
+    for (int64_t n = lane; n < N; n += 32) {
+      const float a = p.A_elem ? __expf(__ldg(p.A + hp * N + n) * dt) : dAh;
+      const float sv = s[n] * a + (ld_scalar<IT>(p.B, bc + n) * dt) * xv;
+      s[n] = sv;
+      y += sv * ld_scalar<IT>(p.C, bc + n);
+    }
+    y = group_sum<32>(y, 32);
+    if (lane == 0 && !c.covered(int(row))) {
+      float v = y + Dv * xv;
+      if (p.has_z) v = dev_gate(v, ld_scalar<IT>(p.z, row * HP + hp));
+      st_out<IT>(p.out, row * HP + hp, v);
+    }
+    const int d = c.write_slot(p, t);
+    if (d >= 0) store_row(p.state, p.state_scale, int64_t(d) * HP, uint32_t(t), 0u);
+    if (c.ii >= 0 && t < p.CS)
+      store_row(p.inter, p.inter_scales, (c.ii * p.CS + t) * HP, uint32_t(t), 1u);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// host-side launch for one state dtype (instantiated in ssu_cuda_<dtype>.cu)
+// ---------------------------------------------------------------------------------------------
+
+template <DType ST, DType IT>
+cudaError_t launch_input(const Params& p, const Plan& pl, cudaStream_t stream) {
+  const int64_t blocks = pl.l.main_blocks + pl.l.zero_blocks;
+  const dim3 grid(static_cast<unsigned>(blocks)), block(static_cast<unsigned>(pl.threads));
+  if (pl.kernel == Kernel::kGeneric) {
+    if (pl.smem > 48 * 1024) {
+      cudaError_t err = cudaFuncSetAttribute(ssu_generic<ST, IT>,
+                                             cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                             static_cast<int>(pl.smem));
+      if (err != cudaSuccess) return err;
+    }
+    ssu_generic<ST, IT><<<grid, block, pl.smem, stream>>>(p, pl.l);
+    return cudaSuccess;
+  }
+  switch (pl.nv) {
+    case 1: ssu_reg<ST, IT, 1><<<grid, block, 0, stream>>>(p, pl.l); break;
+    case 2: ssu_reg<ST, IT, 2><<<grid, block, 0, stream>>>(p, pl.l); break;
+    case 4: ssu_reg<ST, IT, 4><<<grid, block, 0, stream>>>(p, pl.l); break;
+    case 8:
+      if constexpr (ST == DType::F32) {
+        ssu_reg<ST, IT, 8><<<grid, block, 0, stream>>>(p, pl.l);
+        break;
+      }
+      return cudaErrorInvalidConfiguration;
+    default: return cudaErrorInvalidConfiguration;
+  }
+  return cudaSuccess;
+}
+
+template <DType ST>
+cudaError_t launch_state(const Params& p, const Plan& pl, cudaStream_t stream) {
+  switch (p.in_t) {
+    case DType::F32: return launch_input<ST, DType::F32>(p, pl, stream);
+    case DType::BF16: return launch_input<ST, DType::BF16>(p, pl, stream);
+    case DType::F16: return launch_input<ST, DType::F16>(p, pl, stream);
+    default: return cudaErrorInvalidValue;
+  }
+}
+
+}  // namespace cuda
+}  // namespace ssu

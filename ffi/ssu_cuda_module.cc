@@ -1,0 +1,17 @@
+// nanobind module `_cuda`: exposes the CUDA handler (ssu_cuda.cu) as a capsule per target name.
+// Kept out of the .cu files so nvcc never sees nanobind.
+#include "nanobind/nanobind.h"
+
+namespace ssu {
+namespace cuda {
+void* handler();
+}  // namespace cuda
+}  // namespace ssu
+
+NB_MODULE(_cuda, m) {
+  m.def("registrations", []() {
+    nanobind::dict d;
+    d["jax_mamba_ssu"] = nanobind::capsule(ssu::cuda::handler());
+    return d;
+  });
+}

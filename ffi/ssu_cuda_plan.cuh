@@ -1,0 +1,45 @@
+// Launch plan shared by the CUDA handler (ssu_cuda.cu) and the per-state-dtype kernel
+// translation units (ssu_cuda_<dtype>.cu). Host-only declarations plus the POD structs the
+// kernels receive by value.
+#pragma once
+#include <cstdint>
+#include <cuda_runtime.h>
+#include "ssu_params.h"
+
+namespace ssu {
+namespace cuda {
+
+// What one CTA of the main grid covers, and the grid layout (see make_plan in ssu_cuda.cu).
+//   main CTAs:  blockIdx.x in [0, main_blocks) -> (entry b, head h, row chunk), row-major
+//               (b, h, chunk); each CTA owns rows [chunk*rows_cta, +rows_cta) of head h.
+//   zero CTAs:  blockIdx.x in [main_blocks, main_blocks + zero_blocks) (varlen only) zero the
+//               rows of `out` that no sequence owns.
+struct Launch {
+  int lshift;            // log2(lanes per state row): register kernel only (generic: 5)
+  int R;                 // rows per lane group (register kernel), 1 for the generic kernel
+  int rows_cta;          // rows of P per CTA
+  int64_t chunks;        // CTAs per (entry, head)
+  int64_t main_blocks;   // nb * H * chunks
+  int64_t zero_blocks;   // varlen zero-fill CTAs
+};
+
+// Most rows one lane group of the register kernel carries at once, for V fp32 state values
+// per lane (host and device must agree).
+constexpr int rows_per_lane(int V) { return V <= 4 ? 4 : (V <= 8 ? 2 : 1); }
+
+enum class Kernel : int { kNone = 0, kReg = 1, kGeneric = 2 };
+
+struct Plan {
+  Kernel kernel = Kernel::kNone;
+  int nv = 0;            // 16-byte state vectors per lane (register kernel)
+  int threads = 0;
+  size_t smem = 0;       // dynamic shared memory (generic kernel)
+  Launch l{};
+};
+
+// Defined (and explicitly instantiated) in ssu_cuda_<dtype>.cu.
+template <DType ST>
+cudaError_t launch_state(const Params& p, const Plan& plan, cudaStream_t stream);
+
+}  // namespace cuda
+}  // namespace ssu
