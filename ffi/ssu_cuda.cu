@@ -4,6 +4,7 @@
 #include <algorithm>
 #include <array>
 #include <atomic>
+#include <cstdlib>
 #include <string>
 
 #include <cuda_runtime.h>
@@ -41,6 +42,16 @@ cudaError_t device_info(DeviceInfo* out) {
     sms[dev].store(out->sms, std::memory_order_relaxed);
   }
   return cudaSuccess;
+}
+
+// Debug / tuning override of the rows per lane group (JAX_MAMBA_CUDA_ROWS=1|2|4, clipped to
+// what the kernel holds); read once per process. 0 = heuristic.
+int rows_override() {
+  static const int v = [] {
+    const char* e = std::getenv("JAX_MAMBA_CUDA_ROWS");
+    return e ? std::atoi(e) : 0;
+  }();
+  return v;
 }
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
@@ -116,6 +127,7 @@ bool make_plan(const Params& p, int64_t algorithm, const DeviceInfo& di, Plan* p
     const double resident = double(di.sms) * 2048.0;
     int R = rmax;
     while (R > 1 && rows_total * L / R < 2.0 * resident) R /= 2;
+    if (rows_override() > 0) R = std::min(rmax, rows_override());
     int64_t ng = std::min<int64_t>(256 / L, ceil_div(P, R));
     int threads = int(std::min<int64_t>(256, ceil_div(ng * L, 32) * 32));
     pl->kernel = Kernel::kReg;
