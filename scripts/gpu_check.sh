@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# CUDA backend validation in one device call: build (sm_90a only unless JAX_MAMBA_CUDA_ARCHS is
-# set), the GPU correctness grid (scripts/sanitize_cases.py --grid, then its small half with
+# CUDA backend validation in one device call: CMake build (sm_90a only unless JAX_MAMBA_CUDA_ARCHS
+# is set), the GPU correctness grid (scripts/sanitize_cases.py --grid, then its small half with
 # multi-row lanes forced), the GPU half of the test suite, and compute-sanitizer memcheck /
 # racecheck on the small case set. Stages stop starting once BUDGET seconds (default 400) are
 # used. Logs go to $OUT (or ./gpu_out); a short summary is printed last.
@@ -18,15 +18,27 @@ nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,driver_version --format=c
   > "$OUT/gpu.txt" 2>&1
 summary "card: $(head -1 "$OUT/gpu.txt")"
 
+# Build with CMake directly (the same CMakeLists.txt pip/scikit-build-core drives) and drop the
+# modules into ./jax_mamba, so the checks import this tree regardless of pip/site-packages.
+# (pip install --no-build-isolation failed on the device machine with "Cannot import
+# 'scikit_build_core.build'"; the probe below records why.)
+python -c "import scikit_build_core.build" > "$OUT/skbuild_probe.txt" 2>&1 \
+  && echo "scikit_build_core.build imports" >> "$OUT/skbuild_probe.txt"
+summary "python: $(command -v python) $(python -V 2>&1); pip: $(python -m pip -V 2>&1 | cut -c1-60); skbuild probe: $(tail -1 "$OUT/skbuild_probe.txt" | cut -c1-120)"
 t=$(date +%s)
-export JAX_MAMBA_CUDA_ARCHS=${JAX_MAMBA_CUDA_ARCHS:-90a}
-CMAKE_ARGS="-DJAX_MAMBA_CUDA_VERBOSE_PTXAS=ON" \
-  pip install --no-build-isolation --no-deps -v . > "$OUT/build.log" 2>&1; rc=$?
-summary "build (archs $JAX_MAMBA_CUDA_ARCHS): rc=$rc in $(( $(date +%s) - t )) s"
+ARCHS=${JAX_MAMBA_CUDA_ARCHS:-90a}
+BDIR=build/gpu_check
+{ cmake -S . -B "$BDIR" -DSKBUILD_PROJECT_NAME=jax_mamba -DJAX_MAMBA_CUDA=ON \
+    -DPython_EXECUTABLE="$(command -v python)" -Dnanobind_DIR="$(python -m nanobind --cmake_dir)" \
+    -DCMAKE_CUDA_ARCHITECTURES="$ARCHS" -DCMAKE_BUILD_TYPE=Release -DJAX_MAMBA_CUDA_VERBOSE_PTXAS=ON \
+  && cmake --build "$BDIR" -j 16 && cp "$BDIR"/_cpu*.so "$BDIR"/_cuda*.so jax_mamba/; } \
+  > "$OUT/build.log" 2>&1; rc=$?
+summary "build (cmake, archs $ARCHS): rc=$rc in $(( $(date +%s) - t )) s"
 if [ $rc -ne 0 ]; then grep -E "error|Error" "$OUT/build.log" | head -30; tail -30 "$OUT/build.log"; exit 1; fi
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 grep -E "ptxas info|bytes stack frame" "$OUT/build.log" > "$OUT/ptxas.txt" || true
-summary "ptxas: $(grep -c 'Used' "$OUT/ptxas.txt") kernels, $(grep -E 'spill (stores|loads)' "$OUT/ptxas.txt" | grep -vc ' 0 bytes spill stores, 0 bytes spill loads') with spills/stack"
-python -c "import jax_mamba, jax; print('HAS_CUDA', jax_mamba.HAS_CUDA, jax.devices())" 2>&1 | tee -a "$OUT/summary.txt"
+summary "ptxas: $(grep -c 'Used' "$OUT/ptxas.txt") kernels, $(grep -E 'spill (stores|loads)' "$OUT/ptxas.txt" | grep -vc ' 0 bytes spill stores, 0 bytes spill loads') with spills"
+python -c "import jax_mamba, jax; print('HAS_CUDA', jax_mamba.HAS_CUDA, jax_mamba.__file__, jax.__version__, jax.devices())" 2>&1 | tee -a "$OUT/summary.txt"
 
 run_stage() {  # name, max seconds, command...
   local name=$1 want=$2; shift 2
@@ -45,7 +57,7 @@ run_stage pytest_gpu ${PYTEST_TIMEOUT:-150} python -m pytest -q -p no:cacheprovi
 
 if command -v compute-sanitizer > /dev/null; then
   filt=()
-  compute-sanitizer --help 2>&1 | grep -q -- "--kernel-name" && filt=(--kernel-name kns=ssu_)
+  compute-sanitizer --help 2>&1 | grep -q "kns=" && filt=(--kernel-name kns=ssu_)
   export XLA_PYTHON_CLIENT_PREALLOCATE=false
   for tool in memcheck racecheck; do
     run_stage "sanitize_$tool" 90 compute-sanitizer --tool $tool "${filt[@]}" --error-exitcode 9 \
@@ -54,5 +66,9 @@ if command -v compute-sanitizer > /dev/null; then
 else
   summary "compute-sanitizer: not found"
 fi
+# a first performance look (the package's benchmark), if time is left
+run_stage bench_bf16 45 python -m jax_mamba.benchmark --state-dtype bfloat16 --batch 1 64 --reps 5 --impl ffi
+run_stage bench_f32 35 python -m jax_mamba.benchmark --state-dtype float32 --input-dtype float32 --batch 1 64 --reps 5 --impl ffi
+cat "$OUT"/bench_*.log 2>/dev/null | grep -v "^WARNING" | tail -20
 summary "total: $(( $(date +%s) - T0 )) s"
 echo "==== summary"; cat "$OUT/summary.txt"
