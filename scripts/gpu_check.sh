@@ -20,11 +20,11 @@ summary "card: $(head -1 "$OUT/gpu.txt")"
 
 # Build with CMake directly (the same CMakeLists.txt pip/scikit-build-core drives) and drop the
 # modules into ./jax_mamba, so the checks import this tree regardless of pip/site-packages.
-# (pip install --no-build-isolation failed on the device machine with "Cannot import
-# 'scikit_build_core.build'"; the probe below records why.)
-python -c "import scikit_build_core.build" > "$OUT/skbuild_probe.txt" 2>&1 \
-  && echo "scikit_build_core.build imports" >> "$OUT/skbuild_probe.txt"
-summary "python: $(command -v python) $(python -V 2>&1); pip: $(python -m pip -V 2>&1 | cut -c1-60); skbuild probe: $(tail -1 "$OUT/skbuild_probe.txt" | cut -c1-120)"
+# (On the device machine a bare `pip` is the system pip (/usr/local/lib/python3.12), not the
+# venv of `python`, and `pip install --no-build-isolation .` fails there with "Cannot import
+# 'scikit_build_core.build'"; `python -m pip` is the venv's.)
+probe=$(python -c "import scikit_build_core.build; print('scikit_build_core.build imports')" 2>&1 | tail -1)
+summary "python: $(command -v python) $(python -V 2>&1); python -m pip: $(python -m pip -V 2>&1 | cut -c1-50); pip on PATH: $(pip -V 2>&1 | cut -c1-60); probe: $probe"
 t=$(date +%s)
 ARCHS=${JAX_MAMBA_CUDA_ARCHS:-90a}
 BDIR=build/gpu_check
@@ -40,20 +40,23 @@ grep -E "ptxas info|bytes stack frame" "$OUT/build.log" > "$OUT/ptxas.txt" || tr
 summary "ptxas: $(grep -c 'Used' "$OUT/ptxas.txt") kernels, $(grep -E 'spill (stores|loads)' "$OUT/ptxas.txt" | grep -vc ' 0 bytes spill stores, 0 bytes spill loads') with spills"
 python -c "import jax_mamba, jax; print('HAS_CUDA', jax_mamba.HAS_CUDA, jax_mamba.__file__, jax.__version__, jax.devices())" 2>&1 | tee -a "$OUT/summary.txt"
 
+# All stage logs go into one file ($OUT/stages.log): the device returns only a few files.
 run_stage() {  # name, max seconds, command...
   local name=$1 want=$2; shift 2
   local to; to=$(stage_timeout "$want")
   if [ "$to" -lt 20 ]; then summary "$name: skipped (budget)"; return; fi
-  local t=$(date +%s)
-  timeout "$to" "$@" > "$OUT/$name.log" 2>&1; local rc=$?
-  summary "$name: rc=$rc in $(( $(date +%s) - t )) s: $(grep -E '==== summary|passed|failed|ERROR SUMMARY|RACECHECK SUMMARY' "$OUT/$name.log" | tail -1)"
-  grep -E "^FAIL |^FAILED" "$OUT/$name.log" | head -15
+  local t=$(date +%s) log="$OUT/.stage.tmp"
+  timeout "$to" "$@" > "$log" 2>&1; local rc=$?
+  { echo "===================== $name (rc=$rc)"; cat "$log"; } >> "$OUT/stages.log"
+  summary "$name: rc=$rc in $(( $(date +%s) - t )) s: $(grep -E '==== summary|passed|failed|ERROR SUMMARY|RACECHECK SUMMARY' "$log" | tail -1)"
+  grep -E "^FAIL |^FAILED|^E  " "$log" | head -30
+  rm -f "$log"
 }
 
 run_stage cases_small 60 python scripts/sanitize_cases.py
 run_stage grid 170 python scripts/sanitize_cases.py --grid
 JAX_MAMBA_CUDA_ROWS=4 run_stage grid_rows4 90 python scripts/sanitize_cases.py --grid --small
-run_stage pytest_gpu ${PYTEST_TIMEOUT:-150} python -m pytest -q -p no:cacheprovider -k gpu tests
+run_stage pytest_gpu ${PYTEST_TIMEOUT:-150} python -m pytest -q -rf --tb=short -p no:cacheprovider -k gpu tests
 
 if command -v compute-sanitizer > /dev/null; then
   filt=()
@@ -69,6 +72,6 @@ fi
 # a first performance look (the package's benchmark), if time is left
 run_stage bench_bf16 45 python -m jax_mamba.benchmark --state-dtype bfloat16 --batch 1 64 --reps 5 --impl ffi
 run_stage bench_f32 35 python -m jax_mamba.benchmark --state-dtype float32 --input-dtype float32 --batch 1 64 --reps 5 --impl ffi
-cat "$OUT"/bench_*.log 2>/dev/null | grep -v "^WARNING" | tail -20
+sed -n '/== bench_/,$p' "$OUT/stages.log" | grep -E "^(device|case|b[0-9])" | tail -12
 summary "total: $(( $(date +%s) - T0 )) s"
 echo "==== summary"; cat "$OUT/summary.txt"
