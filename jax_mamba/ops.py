@@ -22,6 +22,33 @@ _PLACEHOLDER_DTYPE = {"sbi": jnp.int32, "dst": jnp.int32, "inter_idx": jnp.int32
                       "state_scale": jnp.float32, "inter_scales": jnp.float32}
 
 
+def _target_platform(*arrays) -> str:
+    """Platform the call will run on: that of concrete (committed) inputs, else JAX's default
+    backend, which is where jit places a computation on uncommitted arguments."""
+    for a in arrays:
+        try:  # tracers have no devices: fall through to the default backend
+            return next(iter(a.devices())).platform
+        except Exception:  # noqa: BLE001 - any tracer / non-array
+            continue
+    return jax.default_backend()
+
+
+def check_algorithm(pb: Problem, platform: str):
+    """SPEC §3.5: an explicit strategy the CUDA kernels cannot run is a trace-time ValueError
+    (on the CPU every value is accepted and ignored). Mirrors make_plan in ffi/ssu_cuda.cu."""
+    if platform in ("cpu",) or pb.algorithm in ("auto", "simple"):
+        return
+    if pb.algorithm == "vertical":
+        raise ValueError("algorithm: 'vertical' (a TMA row-tile pipeline) is not implemented by "
+                         "the CUDA kernels; expected 'auto', 'simple' or 'horizontal', got "
+                         "'vertical'")
+    per_vector = 4 if pb.state.dtype == jnp.float32 else 8  # 16-byte state vectors
+    if pb.N % per_vector or pb.N > 1024:
+        raise ValueError(f"algorithm: 'horizontal' needs dstate to be a multiple of {per_vector} "
+                         f"(16-byte {pb.state.dtype} vectors) and at most 1024, got dstate={pb.N}; "
+                         "use 'auto' or 'simple'")
+
+
 def _call(pb: Problem) -> SSUResult:
     operands, present = [], 0
     for name in _OPERANDS:
@@ -73,4 +100,5 @@ def selective_state_update(
                        intermediate_states_buffer, intermediate_state_indices,
                        intermediate_state_scales, rand_seed, philox_rounds, cache_steps,
                        algorithm, dst_state_batch_indices, cu_seqlens, num_accepted_tokens)
+    check_algorithm(pb, _target_platform(state, x))
     return _call(pb)

@@ -7,26 +7,28 @@ summary() { echo "$*" | tee -a "$OUT/summary.txt"; }
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader > "$OUT/gpu.txt" 2>&1
 summary "card: $(head -1 "$OUT/gpu.txt")"
 t0=$(date +%s)
-pip install --no-build-isolation -v . > "$OUT/build.log" 2>&1; rc=$?
+python -m pip install --no-build-isolation -v . > "$OUT/build.log" 2>&1; rc=$?
 summary "build: rc=$rc in $(( $(date +%s) - t0 )) s"
 [ $rc -eq 0 ] || { tail -40 "$OUT/build.log"; exit 1; }
-python -c "import jax_mamba, jax; print('HAS_CUDA', jax_mamba.HAS_CUDA, jax.devices())" 2>&1 | tee -a "$OUT/summary.txt"
+REPO=$PWD
+RUN=$(mktemp -d); cd "$RUN"  # outside the repo, so `import jax_mamba` is the installed package
+python -c "import jax_mamba, jax; print('HAS_CUDA', jax_mamba.HAS_CUDA, jax_mamba.__file__, jax.devices())" 2>&1 | tee -a "$OUT/summary.txt"
 
 if [ "${SKIP_TESTS:-0}" != 1 ]; then
   t0=$(date +%s)
-  timeout ${TEST_TIMEOUT:-420} pytest -q -x -p no:cacheprovider ${PYTEST_ARGS:-tests} > "$OUT/pytest.log" 2>&1
+  timeout ${TEST_TIMEOUT:-420} python -m pytest -q -p no:cacheprovider -rf ${PYTEST_ARGS:-"$REPO/tests"} > "$OUT/pytest.log" 2>&1
   summary "pytest: rc=$? in $(( $(date +%s) - t0 )) s: $(tail -1 "$OUT/pytest.log")"
   grep -E "^FAILED|^ERROR" "$OUT/pytest.log" | head -20
 fi
-if [ "${SANITIZE:-0}" = 1 ] && [ -f scripts/sanitize_cases.py ]; then
+if [ "${SANITIZE:-0}" = 1 ]; then
   for tool in memcheck racecheck; do
-    timeout 300 compute-sanitizer --tool $tool --error-exitcode 9 python scripts/sanitize_cases.py \
+    timeout 300 compute-sanitizer --tool $tool --error-exitcode 9 python "$REPO/scripts/sanitize_cases.py" \
       > "$OUT/sanitize_$tool.log" 2>&1
     summary "compute-sanitizer $tool: rc=$? $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$OUT/sanitize_$tool.log" | tail -1)"
   done
 fi
 if [ "${BENCH:-1}" = 1 ]; then
-  python examples/decode_loop.py --batch 64 --slots 512 --heads 64 --dim 64 --dstate 128 \
+  python "$REPO/examples/decode_loop.py" --batch 64 --slots 512 --heads 64 --dim 64 --dstate 128 \
     --ngroups 8 --layers 4 --steps 16 > "$OUT/example.log" 2>&1
   summary "example: $(tail -2 "$OUT/example.log" | tr '\n' ' ')"
   cases=("--state-dtype bfloat16" "--state-dtype float32 --input-dtype float32"

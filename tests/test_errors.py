@@ -111,3 +111,33 @@ def test_error(cfg, edits, exc, words, impl):
 def test_valid_base_case_runs():
     """The unedited base case is valid, so each error above comes from its one edit."""
     jax_mamba.selective_state_update(**base())
+
+
+@pytest.mark.parametrize("algorithm", ["auto", "simple", "vertical", "horizontal"])
+def test_algorithm_on_cpu_is_validated_and_ignored(algorithm):
+    kw = base()
+    want = jax_mamba.selective_state_update(**kw)
+    got = jax_mamba.selective_state_update(**dict(kw, algorithm=algorithm))
+    np.testing.assert_array_equal(np.asarray(got.out), np.asarray(want.out))
+
+
+@pytest.mark.parametrize("algorithm,N,state,ok", [
+    ("vertical", 16, "f32", False), ("horizontal", 16, "f32", True),
+    ("horizontal", 12, "f32", True), ("horizontal", 12, "bf16", False),
+    ("horizontal", 1028, "f32", False), ("simple", 13, "bf16", True), ("auto", 13, "f32", True)])
+def test_algorithm_rules_for_cuda(algorithm, N, state, ok):
+    """The CUDA restrictions apply when the target platform is a GPU (checked here directly)."""
+    from jax_mamba._problem import build_problem
+    from jax_mamba.ops import check_algorithm
+    kw = base(N=N, state=state)
+    kw["algorithm"] = algorithm
+    import inspect
+    names = list(inspect.signature(jax_mamba.selective_state_update).parameters)
+    pb = build_problem(*[kw.get(n, inspect.signature(jax_mamba.selective_state_update)
+                                .parameters[n].default) for n in names])
+    check_algorithm(pb, "cpu")
+    if ok:
+        check_algorithm(pb, "gpu")
+    else:
+        with pytest.raises(ValueError, match="algorithm"):
+            check_algorithm(pb, "gpu")

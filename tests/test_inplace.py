@@ -166,3 +166,24 @@ def test_vmap_is_correct():
     for i in range(2):
         want = jax_mamba.reference.selective_state_update(states[i], xs[i], **rest).state
         np.testing.assert_allclose(np.asarray(got[i]), np.asarray(want), rtol=1e-5, atol=1e-5)
+
+
+def test_map_over_a_closed_over_state(device):
+    """lax.map over calls that all read one closed-over (non-donated) state: XLA must give each
+    iteration its own copy of the aliased buffer, so every iteration sees the original."""
+    kw = make_case(Cfg(mode="mtp", T=2, out=False), np.random.default_rng(9))
+    kw = {k: jax.device_put(v, device) if isinstance(v, jax.Array) else v for k, v in kw.items()}
+    arrays, static = split_static(kw)
+    scales = jax.device_put(jnp.arange(1, 5, dtype=jnp.float32), device)
+
+    def one(k):
+        a = dict(arrays, x=arrays["x"] * k)
+        r = jax_mamba.selective_state_update(**a, **static)
+        return r.state, r.out
+
+    got_state, got_out = jax.jit(lambda ks: jax.lax.map(one, ks))(scales)
+    for i, k in enumerate(np.asarray(scales)):
+        want_state, want_out = jax.jit(one)(jnp.float32(k))
+        np.testing.assert_allclose(np.asarray(got_out[i]), np.asarray(want_out), rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(np.asarray(got_state[i]), np.asarray(want_state), rtol=1e-6,
+                                   atol=1e-6)

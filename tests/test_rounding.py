@@ -39,13 +39,14 @@ def test_stochastic_rounding_is_unbiased(state, where, device):
     kw = {k: jax.device_put(v, device) if isinstance(v, jax.Array) else v for k, v in kw.items()}
     arrays, static = split_static(kw)
 
+    run = jax.jit(lambda seed, **a: jax_mamba.selective_state_update(rand_seed=seed, **a, **static))
+
     def stored(seed):
-        r = jax_mamba.selective_state_update(rand_seed=seed, **arrays, **static)
+        r = run(jax.device_put(jnp.int32(seed), device), **arrays)
         return r.state if where == "state" else r.intermediate_states_buffer
 
-    samples = jax.jit(lambda seeds: jax.lax.map(stored, seeds))(
-        jax.device_put(jnp.arange(N_SEEDS, dtype=jnp.int32) * 7919 + 3, device))
-    samples = np.asarray(samples, np.float64)
+    # one jitted call per seed (not lax.map: see test_inplace.test_map_over_a_closed_over_state)
+    samples = np.stack([np.asarray(stored(s * 7919 + 3), np.float64) for s in range(N_SEEDS)])
     # the exact fp32 values: the same call with a float32 state of the same (exact) contents
     f32 = dict(arrays)
     f32["state"] = arrays["state"].astype(jnp.float32)
