@@ -211,7 +211,10 @@ ffi::Error SsuCpu(ffi::ThreadPool pool, ffi::RemainingArgs args, ffi::RemainingR
                   ffi::Dictionary attrs) {
   Params p;
   int64_t algorithm = 0;  // validated in Python; every strategy is the same loop on the CPU
-  if (auto err = decode_params(args, rets, attrs, &p, &algorithm); err.failure()) return err;
+  AliasCopies copies;
+  if (auto err = decode_params(args, rets, attrs, &p, &algorithm, &copies); err.failure())
+    return err;
+  for (int i = 0; i < copies.n; ++i) std::memcpy(copies.c[i].dst, copies.c[i].src, copies.c[i].bytes);
   switch (p.state_t) {
     case DType::F32: dispatch_input<DType::F32>(p, pool); break;
     case DType::BF16: dispatch_input<DType::BF16>(p, pool); break;

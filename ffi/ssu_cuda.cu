@@ -173,13 +173,21 @@ ffi::Error SsuCuda(cudaStream_t stream, ffi::RemainingArgs args, ffi::RemainingR
                    ffi::Dictionary attrs) {
   Params p;
   int64_t algorithm = 0;
-  if (auto err = decode_params(args, rets, attrs, &p, &algorithm); err.failure()) return err;
+  AliasCopies copies;
+  if (auto err = decode_params(args, rets, attrs, &p, &algorithm, &copies); err.failure())
+    return err;
   DeviceInfo di;
   if (cudaError_t err = device_info(&di); err != cudaSuccess)
     return ffi::Error::Internal(std::string("jax_mamba_ssu: ") + cudaGetErrorString(err));
   Plan plan;
   std::string why;
   if (!make_plan(p, algorithm, di, &plan, &why)) return bad(why);
+  for (int i = 0; i < copies.n; ++i) {
+    if (cudaError_t e = cudaMemcpyAsync(copies.c[i].dst, copies.c[i].src, copies.c[i].bytes,
+                                        cudaMemcpyDeviceToDevice, stream);
+        e != cudaSuccess)
+      return ffi::Error::Internal(std::string("jax_mamba_ssu: ") + cudaGetErrorString(e));
+  }
   if (plan.kernel == Kernel::kNone) return ffi::Error::Success();
   cudaError_t err = cudaErrorInvalidValue;
   switch (p.state_t) {

@@ -37,8 +37,22 @@ inline ffi::Error bad(const std::string& what) {
   return ffi::Error::InvalidArgument("jax_mamba_ssu: " + what);
 }
 
+// An aliased result whose buffer XLA did not make the operand's own (seen on GPU inside while
+// loops: lax.map / sequential vmap). The kernels read and write through the result pointer,
+// so the handler first copies the operand there.
+struct AliasCopy {
+  const void* src;
+  void* dst;
+  size_t bytes;
+};
+struct AliasCopies {
+  AliasCopy c[kNumRets];
+  int n = 0;
+};
+
 inline ffi::Error decode_params(ffi::RemainingArgs args, ffi::RemainingRets rets,
-                                ffi::Dictionary attrs, Params* p, int64_t* algorithm) {
+                                ffi::Dictionary attrs, Params* p, int64_t* algorithm,
+                                AliasCopies* copies) {
   if (args.size() != kNumArgs || rets.size() != kNumRets)
     return bad("expected " + std::to_string(int(kNumArgs)) + " operands and " +
                std::to_string(int(kNumRets)) + " results, got " + std::to_string(args.size()) +
@@ -130,6 +144,18 @@ inline ffi::Error decode_params(ffi::RemainingArgs args, ffi::RemainingRets rets
   p->state_scale = static_cast<float*>(out[rScale]->untyped_data());
   p->inter = out[rInter]->untyped_data();
   p->inter_scales = static_cast<float*>(out[rInterScales]->untyped_data());
+
+  const int pairs[kNumRets][2] = {{aOut, rOut}, {aState, rState}, {aScale, rScale},
+                                  {aInter, rInter}, {aInterScales, rInterScales}};
+  copies->n = 0;
+  for (const auto& pr : pairs) {
+    const ffi::AnyBuffer& src = in[pr[0]];
+    ffi::Result<ffi::AnyBuffer>& dst = out[pr[1]];
+    const size_t bytes = src.size_bytes();
+    if (bytes == 0 || bytes != dst->size_bytes() || src.untyped_data() == dst->untyped_data())
+      continue;
+    copies->c[copies->n++] = {src.untyped_data(), dst->untyped_data(), bytes};
+  }
   return ffi::Error::Success();
 }
 

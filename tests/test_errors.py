@@ -1,4 +1,5 @@
 """Trace-time errors (SPEC §3.6): the right exception, naming the argument, expected and given."""
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -115,7 +116,8 @@ def test_valid_base_case_runs():
 
 @pytest.mark.parametrize("algorithm", ["auto", "simple", "vertical", "horizontal"])
 def test_algorithm_on_cpu_is_validated_and_ignored(algorithm):
-    kw = base()
+    cpu = jax.devices("cpu")[0]
+    kw = {k: jax.device_put(v, cpu) if isinstance(v, jax.Array) else v for k, v in base().items()}
     want = jax_mamba.selective_state_update(**kw)
     got = jax_mamba.selective_state_update(**dict(kw, algorithm=algorithm))
     np.testing.assert_array_equal(np.asarray(got.out), np.asarray(want.out))

@@ -21,8 +21,9 @@ def test_missing_cuda_handler_reports_clearly():
     jax.ffi.register_ffi_target("jax_mamba_test_missing_cuda",
                                 _cpu.missing_cuda_registrations()[_ffi.TARGET], platform="cpu")
     call = jax.ffi.ffi_call("jax_mamba_test_missing_cuda", jax.ShapeDtypeStruct((2,), jnp.float32))
+    zeros = jax.device_put(np.zeros((2,), np.float32), jax.devices("cpu")[0])
     with pytest.raises(Exception, match="built without CUDA"):
-        jax.block_until_ready(call(jnp.zeros((2,), jnp.float32)))
+        jax.block_until_ready(call(zeros))
 
 
 def test_attributes_are_baked_and_recompile():

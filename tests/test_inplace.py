@@ -157,8 +157,9 @@ def test_seed_forms():
     assert not np.array_equal(f(jax.random.key(9)), f(jax.random.key(10)))
 
 
-def test_vmap_is_correct():
+def test_vmap_is_correct(device):
     kw = make_case(Cfg(out=False), np.random.default_rng(4))
+    kw = {k: jax.device_put(v, device) if isinstance(v, jax.Array) else v for k, v in kw.items()}
     states = jnp.stack([kw["state"], kw["state"] * 2])
     xs = jnp.stack([kw["x"], kw["x"] * -1])
     rest = {k: v for k, v in kw.items() if k not in ("state", "x")}
