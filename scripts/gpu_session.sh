@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device call: build with CUDA, run the whole test suite on the GPU, the sanitizers, the
-# example and the benchmark. Logs go to $OUT (or ./gpu_out); a short table is printed last.
+# example and (BENCH=1) the benchmark. Logs go to $OUT (or ./gpu_out); a short table is printed last.
 set -uo pipefail
 OUT=${OUT:-gpu_out}; mkdir -p "$OUT"
 summary() { echo "$*" | tee -a "$OUT/summary.txt"; }
@@ -27,10 +27,12 @@ if [ "${SANITIZE:-0}" = 1 ]; then
     summary "compute-sanitizer $tool: rc=$? $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$OUT/sanitize_$tool.log" | tail -1)"
   done
 fi
-if [ "${BENCH:-1}" = 1 ]; then
+if [ "${EXAMPLE:-1}" = 1 ]; then
   python "$REPO/examples/decode_loop.py" --batch 64 --slots 512 --heads 64 --dim 64 --dstate 128 \
     --ngroups 8 --layers 4 --steps 16 > "$OUT/example.log" 2>&1
   summary "example: $(tail -2 "$OUT/example.log" | tr '\n' ' ')"
+fi
+if [ "${BENCH:-0}" = 1 ]; then
   cases=("--state-dtype bfloat16" "--state-dtype float32 --input-dtype float32"
          "--state-dtype float16 --sr" "--state-dtype int16" "--state-dtype bfloat16 --mtp 4 --inter"
          "--mamba1 --dim 8192 --dstate 16 --state-dtype float32 --input-dtype float32")
