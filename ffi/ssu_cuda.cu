@@ -74,14 +74,15 @@ int log2i(int v) {
 //   horizontal: NV = largest with E*NV <= 32 values per lane, reduced while NV/2 vectors
 //               cover the row; L = the remaining lanes (1 for N <= 32 fp32 / 32 16-bit).
 // Generic kernel (ssu_generic): everything else (simple/auto only).
-// vertical: not implemented (error).
+// Vertical kernel (ssu_vert, ssu_cuda_vertical.cuh): needs N % E == 0 and N <= 256 (else an
+// error, mirrored by check_algorithm in jax_mamba/ops.py). NV = 1 (2 for float32 N > 128),
+//   L = lanes per row as for simple, CTAs of <= kVertThreads threads, tile = groups * R rows
+//   per shared-memory stage (<= 8 KiB), rows_cta = a power-of-two number of tiles, as many as
+//   keep >= 8 CTAs per SM; B/C staged for up to bc_steps steps (<= 16 KiB).
+//   Overrides (debug / tuning, read once): JAX_MAMBA_CUDA_ROWS (R), JAX_MAMBA_CUDA_VTILES
+//   (tiles per CTA, clipped to the head).
 bool make_plan(const Params& p, int64_t algorithm, const DeviceInfo& di, Plan* pl,
                std::string* why) {
-  if (algorithm == 2) {
-    *why = "algorithm='vertical' is not implemented by the CUDA backend (use 'auto', 'simple' "
-           "or 'horizontal')";
-    return false;
-  }
   if (algorithm < 0 || algorithm > 3) {
     *why = "unknown algorithm id " + std::to_string(algorithm);
     return false;
@@ -105,12 +106,60 @@ bool make_plan(const Params& p, int64_t algorithm, const DeviceInfo& di, Plan* p
   const int64_t nvec = vec ? N / E : 0;
 
   Launch& l = pl->l;
-  if (algorithm == 3 && !vec) {
+  if (algorithm == 2) {
+    if (!(N > 0 && N % E == 0 && N <= 256)) {
+      *why = "algorithm='vertical' needs dstate to be a multiple of " + std::to_string(E) +
+             " and at most 256 for this state dtype, got dstate=" + std::to_string(N);
+      return false;
+    }
+    static const int vtiles_override = [] {
+      const char* e = std::getenv("JAX_MAMBA_CUDA_VTILES");
+      return e ? std::atoi(e) : 0;
+    }();
+    const int esize = f32 ? 4 : 2;
+    const int nv = nvec > 32 ? 2 : 1;
+    const int L = pow2_ceil(ceil_div(nvec, nv));
+    const int rmax = rows_per_lane(E * nv);
+    const double rows_total = double(p.nb) * double(H) * double(P);
+    const double resident = double(di.sms) * 2048.0;
+    int R = rmax;
+    while (R > 1 && rows_total * L / R < 2.0 * resident) R /= 2;
+    if (rows_override() > 0) R = std::min(rmax, rows_override());
+    const int64_t ng = std::min<int64_t>(kVertThreads / L, ceil_div(P, R));
+    const int threads = int(std::min<int64_t>(kVertThreads, ceil_div(ng * L, 32) * 32));
+    const int tile = (threads / L) * R;
+    const int64_t ntile = ceil_div(P, tile);
+    int64_t k = 1;  // tiles per CTA
+    if (vtiles_override > 0) {
+      k = std::min<int64_t>(vtiles_override, ntile);
+    } else {
+      const int64_t heads = p.nb * H, target = 8 * int64_t(di.sms);
+      while (k * 2 <= ntile && heads * ceil_div(ntile, k * 2) >= target) k *= 2;
+    }
+    // B/C staging: the steps an entry may have (T; varlen: max_len when given), capped.
+    const int64_t steps = p.varlen ? (p.max_len > 0 ? p.max_len : 8) : p.T;
+    const int64_t bc_steps = std::max<int64_t>(0, std::min<int64_t>(steps, 16384 / (8 * N)));
+    const size_t smem = size_t(kVertStages) * vert_stage_bytes(tile, N, esize) +
+                        size_t(bc_steps) * 2 * size_t(N) * sizeof(float);
+    if (smem > size_t(di.smem_optin)) {
+      *why = "algorithm='vertical': " + std::to_string(smem) + " bytes of shared memory "
+             "needed, the device allows " + std::to_string(di.smem_optin);
+      return false;
+    }
+    pl->kernel = Kernel::kVert;
+    pl->nv = nv;
+    pl->threads = threads;
+    pl->smem = smem;
+    l.lshift = log2i(L);
+    l.R = R;
+    l.tile_rows = tile;
+    l.bc_steps = int(bc_steps);
+    l.rows_cta = int(std::min<int64_t>(k * tile, P));
+  } else if (algorithm == 3 && !vec) {
     *why = "algorithm='horizontal' needs dstate to be a multiple of " + std::to_string(E) +
            " and at most 1024 for this state dtype, got dstate=" + std::to_string(N);
     return false;
-  }
-  if (vec) {
+  } else if (vec) {
     int nv = 1;
     if (algorithm == 3) {
       nv = nv_max;

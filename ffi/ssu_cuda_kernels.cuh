@@ -12,6 +12,9 @@
 //    narrowest groups (up to 32 values per lane accumulated sequentially, L as small as 1).
 //  * ssu_generic<ST, IT>: any N. One warp per row, fp32 state row in shared memory, scalar
 //    loads. Used when N is not a multiple of E or too large for the register kernel.
+//  * ssu_vert<ST, IT, NV> (ssu_cuda_vertical.cuh, algorithm "vertical"): the register
+//    kernel's lane-group layout fed by a shared-memory ring of row tiles (bulk async copies
+//    with mbarriers on sm_90, cp.async on sm_80). Needs N % E == 0 and N <= 256.
 //
 // Every CTA works on one (entry, head, row chunk): entry = batch row or varlen sequence, so
 // resolve_entry (ssu_params.h) runs uniformly per CTA on device-resident indices.
@@ -610,6 +613,14 @@ __global__ void __launch_bounds__(128) ssu_generic(const Params p, const Launch 
   }
 }
 
+}  // namespace cuda
+}  // namespace ssu
+
+#include "ssu_cuda_vertical.cuh"
+
+namespace ssu {
+namespace cuda {
+
 // ---------------------------------------------------------------------------------------------
 // host-side launch for one state dtype (instantiated in ssu_cuda_<dtype>.cu)
 // ---------------------------------------------------------------------------------------------
@@ -618,6 +629,7 @@ template <DType ST, DType IT>
 cudaError_t launch_input(const Params& p, const Plan& pl, cudaStream_t stream) {
   const int64_t blocks = pl.l.main_blocks + pl.l.zero_blocks;
   const dim3 grid(static_cast<unsigned>(blocks)), block(static_cast<unsigned>(pl.threads));
+  if (pl.kernel == Kernel::kVert) return launch_vert<ST, IT>(p, pl, grid, block, stream);
   if (pl.kernel == Kernel::kGeneric) {
     if (pl.smem > 48 * 1024) {
       cudaError_t err = cudaFuncSetAttribute(ssu_generic<ST, IT>,

@@ -15,25 +15,35 @@ namespace cuda {
 //   zero CTAs:  blockIdx.x in [main_blocks, main_blocks + zero_blocks) (varlen only) zero the
 //               rows of `out` that no sequence owns.
 struct Launch {
-  int lshift;            // log2(lanes per state row): register kernel only (generic: 5)
-  int R;                 // rows per lane group (register kernel), 1 for the generic kernel
+  int lshift;            // log2(lanes per state row): register / vertical kernels (generic: 5)
+  int R;                 // rows per lane group (register / vertical), 1 for the generic kernel
   int rows_cta;          // rows of P per CTA
   int64_t chunks;        // CTAs per (entry, head)
   int64_t main_blocks;   // nb * H * chunks
   int64_t zero_blocks;   // varlen zero-fill CTAs
+  int tile_rows;         // vertical kernel: rows per shared-memory stage (= groups * R)
+  int bc_steps;          // vertical kernel: most steps whose B/C are staged in shared memory
 };
 
 // Most rows one lane group of the register kernel carries at once, for V fp32 state values
 // per lane (host and device must agree).
 constexpr int rows_per_lane(int V) { return V <= 4 ? 4 : (V <= 8 ? 2 : 1); }
 
-enum class Kernel : int { kNone = 0, kReg = 1, kGeneric = 2 };
+enum class Kernel : int { kNone = 0, kReg = 1, kGeneric = 2, kVert = 3 };
+
+// Vertical kernel (ssu_cuda_vertical.cuh): shared-memory ring depth, most threads per CTA, and
+// the bytes of one stage of `tile_rows` state rows of N elements (128-byte aligned stages).
+constexpr int kVertStages = 3;
+constexpr int kVertThreads = 128;
+__host__ __device__ constexpr uint32_t vert_stage_bytes(int tile_rows, int64_t N, int elem) {
+  return uint32_t((int64_t(tile_rows) * N * elem + 127) / 128 * 128);
+}
 
 struct Plan {
   Kernel kernel = Kernel::kNone;
-  int nv = 0;            // 16-byte state vectors per lane (register kernel)
+  int nv = 0;            // 16-byte state vectors per lane (register / vertical kernels)
   int threads = 0;
-  size_t smem = 0;       // dynamic shared memory (generic kernel)
+  size_t smem = 0;       // dynamic shared memory (generic / vertical kernels)
   Launch l{};
 };
 

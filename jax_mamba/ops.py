@@ -35,18 +35,17 @@ def _target_platform(*arrays) -> str:
 
 def check_algorithm(pb: Problem, platform: str):
     """SPEC §3.5: an explicit strategy the CUDA kernels cannot run is a trace-time ValueError
-    (on the CPU every value is accepted and ignored). Mirrors make_plan in ffi/ssu_cuda.cu."""
+    (on the CPU every value is accepted and ignored). Mirrors make_plan in ffi/ssu_cuda.cu:
+    'horizontal' needs dstate in whole 16-byte state vectors and at most 1024, 'vertical'
+    (shared-memory row-tile pipeline) the same and at most 256."""
     if platform in ("cpu",) or pb.algorithm in ("auto", "simple"):
         return
-    if pb.algorithm == "vertical":
-        raise ValueError("algorithm: 'vertical' (a TMA row-tile pipeline) is not implemented by "
-                         "the CUDA kernels; expected 'auto', 'simple' or 'horizontal', got "
-                         "'vertical'")
     per_vector = 4 if pb.state.dtype == jnp.float32 else 8  # 16-byte state vectors
-    if pb.N % per_vector or pb.N > 1024:
-        raise ValueError(f"algorithm: 'horizontal' needs dstate to be a multiple of {per_vector} "
-                         f"(16-byte {pb.state.dtype} vectors) and at most 1024, got dstate={pb.N}; "
-                         "use 'auto' or 'simple'")
+    limit = 256 if pb.algorithm == "vertical" else 1024
+    if pb.N % per_vector or pb.N > limit:
+        raise ValueError(f"algorithm: '{pb.algorithm}' expected dstate to be a multiple of "
+                         f"{per_vector} (16-byte {pb.state.dtype} vectors) and at most {limit}, "
+                         f"got dstate={pb.N}; use 'auto' or 'simple'")
 
 
 def _call(pb: Problem) -> SSUResult:

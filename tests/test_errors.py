@@ -124,9 +124,13 @@ def test_algorithm_on_cpu_is_validated_and_ignored(algorithm):
 
 
 @pytest.mark.parametrize("algorithm,N,state,ok", [
-    ("vertical", 16, "f32", False), ("horizontal", 16, "f32", True),
+    ("vertical", 16, "f32", True), ("vertical", 12, "f32", True), ("vertical", 256, "f32", True),
+    ("vertical", 256, "i16", True), ("vertical", 12, "bf16", False),
+    ("vertical", 260, "f32", False), ("vertical", 512, "bf16", False),
+    ("horizontal", 16, "f32", True),
     ("horizontal", 12, "f32", True), ("horizontal", 12, "bf16", False),
-    ("horizontal", 1028, "f32", False), ("simple", 13, "bf16", True), ("auto", 13, "f32", True)])
+    ("horizontal", 1028, "f32", False), ("horizontal", 512, "bf16", True),
+    ("simple", 13, "bf16", True), ("auto", 13, "f32", True)])
 def test_algorithm_rules_for_cuda(algorithm, N, state, ok):
     """The CUDA restrictions apply when the target platform is a GPU (checked here directly)."""
     from jax_mamba._problem import build_problem
@@ -141,5 +145,7 @@ def test_algorithm_rules_for_cuda(algorithm, N, state, ok):
     if ok:
         check_algorithm(pb, "gpu")
     else:
-        with pytest.raises(ValueError, match="algorithm"):
+        with pytest.raises(ValueError, match="algorithm") as info:
             check_algorithm(pb, "gpu")
+        msg = str(info.value)
+        assert algorithm in msg and "expected" in msg and f"dstate={N}" in msg, msg
