@@ -20,3 +20,13 @@ for _name, _capsule in _cpu.registrations().items():
 _gpu = _cuda.registrations() if HAS_CUDA else _cpu.missing_cuda_registrations()
 for _name, _capsule in _gpu.items():
     jax.ffi.register_ffi_target(_name, _capsule, platform="CUDA")
+
+MISSING_CUDA = ("jax_mamba was built without CUDA (nvcc was not found at install time); "
+                "reinstall with nvcc on PATH, or run on the CPU / use jax_mamba.reference")
+
+
+def require_handler(platform: str):
+    """SPEC §6: lowering for a GPU without the CUDA module fails clearly at trace time (the
+    registered fallback handler still catches what this cannot see, e.g. a later transfer)."""
+    if platform in ("gpu", "cuda") and not HAS_CUDA:
+        raise RuntimeError(f"{MISSING_CUDA} (computation targets platform {platform!r})")

@@ -51,11 +51,14 @@ def case(args, batch, device, rng):
     S = max(2 * K * batch, int(np.ceil(args.cache_mb * 2**20 / slot_bytes)))
     hp = (P,) if args.mamba1 else (H, P)
     shape = (S,) + hp + (N,)
-    if st == jnp.int16:
-        state = jnp.asarray(rng.integers(-30000, 30000, shape), jnp.int16)
-        scale = jnp.asarray(rng.random((S,) + hp) * 1e-4, jnp.float32)
-    else:
-        state, scale = jnp.asarray(rng.standard_normal(shape, np.float32), st), None
+    # the cache is drawn on the device: a host-side draw of ~1 GiB dominated the run time
+    key = jax.random.key(int(rng.integers(2**31)))
+    with jax.default_device(device):
+        if st == jnp.int16:
+            state = jax.random.randint(key, shape, -30000, 30000, jnp.int16)
+            scale = jax.random.uniform(key, (S,) + hp, jnp.float32) * 1e-4
+        else:
+            state, scale = jax.random.normal(key, shape, st), None
     lead = (batch, T) if T else (batch,)
     inp = DT[args.input_dtype]
     x = jnp.asarray(rng.standard_normal(lead + hp, np.float32), inp)

@@ -99,5 +99,7 @@ def selective_state_update(
                        intermediate_states_buffer, intermediate_state_indices,
                        intermediate_state_scales, rand_seed, philox_rounds, cache_steps,
                        algorithm, dst_state_batch_indices, cu_seqlens, num_accepted_tokens)
-    check_algorithm(pb, _target_platform(state, x))
+    platform = _target_platform(state, x)
+    _ffi.require_handler(platform)
+    check_algorithm(pb, platform)
     return _call(pb)

@@ -131,6 +131,11 @@ def small_cases():
         ("mamba1", dataclasses.replace(C, heads=False, H=1, G=1, P=40, N=16, dt_elem=True,
                                        A_elem=True, DB_elem=True, bias=True)),
         ("horizontal", dataclasses.replace(C, mode="mtp", state="bf16"), dict(algorithm="horizontal")),
+        ("vertical_sr_inter", dataclasses.replace(C, mode="mtp", state="bf16", sr=True, inter="idx",
+                                                  pads=True), dict(algorithm="vertical")),
+        ("vertical_varlen_i16", dataclasses.replace(C, mode="varlen", state="i16", pads=True, T=5),
+         dict(algorithm="vertical")),
+        ("vertical_f32_n256", dataclasses.replace(C, N=256, P=64, b=3), dict(algorithm="vertical")),
     ]
     out = []
     for c in cs:
@@ -195,8 +200,13 @@ def grid_cases(small_only=False):
     out.append(("disable_inter", R(M2, mode="varlen", disable=True, inter="idx"), None))
     out.append(("no_D_no_out", R(M2, D=False, out=False, mode="varlen"), None))
     out.append(("nosbi", R(M2, sbi="none", pads=False, mode="mtp"), None))
-    # ---- vertical must be rejected on CUDA ----
-    out.append(("vertical_rejected", M2, dict(algorithm="vertical", _expect="vertical")))
+    # ---- vertical: the row-tile pipeline, and a dstate it refuses ----
+    out.append(("vertical_mtp_sr_inter", R(M2, mode="mtp", state="bf16", sr=True, inter="idx",
+                                          pads=True), dict(algorithm="vertical")))
+    out.append(("vertical_varlen_i16", R(M2, mode="varlen", state="i16", pads=True),
+                dict(algorithm="vertical")))
+    out.append(("vertical_rejected", R(M2, state="bf16", N=12), dict(algorithm="vertical",
+                                                                   _expect="vertical")))
     if small_only:
         return [c for c in out if not c[0].startswith(("m2_", "big_", "mamba1_big"))]
     # ---- Mamba-1 large P ----

@@ -26,6 +26,21 @@ def test_missing_cuda_handler_reports_clearly():
         jax.block_until_ready(call(zeros))
 
 
+def test_gpu_without_cuda_module_fails_at_trace_time(monkeypatch):
+    monkeypatch.setattr(_ffi, "HAS_CUDA", False)
+    _ffi.require_handler("cpu")
+    with pytest.raises(RuntimeError, match="built without CUDA"):
+        _ffi.require_handler("gpu")
+    monkeypatch.setattr(_ffi, "HAS_CUDA", True)
+    _ffi.require_handler("gpu")
+    # through the public entry point, as when tracing for a GPU on a CUDA-less install
+    from jax_mamba import ops
+    monkeypatch.setattr(_ffi, "HAS_CUDA", False)
+    monkeypatch.setattr(ops, "_target_platform", lambda *a: "gpu")
+    with pytest.raises(RuntimeError, match="built without CUDA"):
+        jax_mamba.selective_state_update(**make_case(Cfg(), np.random.default_rng(0)))
+
+
 def test_attributes_are_baked_and_recompile():
     """Static settings are FFI attributes: different values give different executables."""
     kw = make_case(Cfg(pads=True), np.random.default_rng(0))
