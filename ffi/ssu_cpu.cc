@@ -47,6 +47,35 @@ inline float ld_any(const void* p, DType t, int64_t i) {
   }
 }
 
+// sr_block for blocks g0 .. g0+nblk-1, 4 words each into `out` (room for nblk rounded up to
+// 8 blocks). Eight independent Philox streams per pass so the rounds vectorise: one call per
+// 4 elements done serially cost more than the whole recurrence.
+inline void philox_blocks(uint64_t g0, int64_t nblk, uint32_t t, uint32_t kind, uint32_t key0,
+                          uint32_t key1, int rounds, uint32_t* out) {
+  for (int64_t b0 = 0; b0 < nblk; b0 += 8) {
+    uint32_t c0[8], c1[8], c2[8], c3[8];
+    for (int j = 0; j < 8; ++j) {
+      const uint64_t g = g0 + uint64_t(b0 + j);
+      c0[j] = uint32_t(g); c1[j] = uint32_t(g >> 32); c2[j] = t; c3[j] = kind;
+    }
+    uint32_t k0 = key0, k1 = key1;
+    for (int i = 0; i < rounds; ++i) {  // the round function of philox4x32 (ssu_math.h)
+      for (int j = 0; j < 8; ++j) {
+        const uint64_t p0 = uint64_t(0xD2511F53u) * c0[j], p2 = uint64_t(0xCD9E8D57u) * c2[j];
+        const uint32_t n0 = uint32_t(p2 >> 32) ^ c1[j] ^ k0;
+        const uint32_t n2 = uint32_t(p0 >> 32) ^ c3[j] ^ k1;
+        c1[j] = uint32_t(p2); c3[j] = uint32_t(p0);
+        c0[j] = n0; c2[j] = n2;
+      }
+      k0 += 0x9E3779B9u; k1 += 0xBB67AE85u;
+    }
+    for (int j = 0; j < 8; ++j) {
+      uint32_t* o = out + (b0 + j) * 4;
+      o[0] = c0[j]; o[1] = c1[j]; o[2] = c2[j]; o[3] = c3[j];
+    }
+  }
+}
+
 // Stores one row of N fp32 values at element offset `off` of `base` (state or intermediate
 // buffer), with its scale for int16 and stochastic rounding when a seed is given.
 template <DType ST>
@@ -81,12 +110,15 @@ void store_row(const Params& p, void* base, float* scale, int64_t off, int64_t s
       for (int64_t n = 0; n < N; ++n) st_rn<ST>(q, n, s[n]);
       return;
     }
-    Rand4 r{};
-    for (int64_t n = 0; n < N; ++n) {
-      uint64_t e = uint64_t(off + n);
-      if (n == 0 || (e & 3) == 0) r = sr_block(e, t, kind, p.seed[0], p.seed[1], p.philox_rounds);
-      q[n] = ST == DType::BF16 ? f32_to_bf16_sr(s[n], r.r[e & 3]) : f32_to_f16_sr(s[n], r.r[e & 3]);
-    }
+    // Element e takes word e % 4 of sr_block(e): the words of the row's blocks, in order.
+    const uint64_t g0 = uint64_t(off) >> 2;
+    const int64_t nblk = int64_t(((uint64_t(off + N) + 3) >> 2) - g0);
+    thread_local std::vector<uint32_t> words;
+    words.resize(size_t(nblk + 8) * 4);
+    philox_blocks(g0, nblk, t, kind, p.seed[0], p.seed[1], p.philox_rounds, words.data());
+    const uint32_t* w = words.data() + (uint64_t(off) & 3);
+    for (int64_t n = 0; n < N; ++n)
+      q[n] = ST == DType::BF16 ? f32_to_bf16_sr(s[n], w[n]) : f32_to_f16_sr(s[n], w[n]);
   }
 }
 

@@ -19,6 +19,11 @@ if [ "${SKIP_TESTS:-0}" != 1 ]; then
   timeout ${TEST_TIMEOUT:-420} python -m pytest -q -p no:cacheprovider -rf ${PYTEST_ARGS:-"$REPO/tests"} > "$OUT/pytest.log" 2>&1
   summary "pytest: rc=$? in $(( $(date +%s) - t0 )) s: $(tail -1 "$OUT/pytest.log")"
   grep -E "^FAILED|^ERROR" "$OUT/pytest.log" | head -20
+  # vertical with the smallest tiles and one row per lane group: the stage ring wraps many times
+  t0=$(date +%s)
+  JAX_MAMBA_CUDA_VTILES=64 JAX_MAMBA_CUDA_ROWS=1 timeout 200 python -m pytest -q -p no:cacheprovider \
+    -rf "$REPO/tests/test_algorithms.py" -k vertical > "$OUT/pytest_vertical_wrap.log" 2>&1
+  summary "pytest vertical ring-wrap: rc=$? in $(( $(date +%s) - t0 )) s: $(tail -1 "$OUT/pytest_vertical_wrap.log")"
 fi
 if [ "${SANITIZE:-0}" = 1 ]; then
   for tool in memcheck racecheck; do
