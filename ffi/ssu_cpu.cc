@@ -16,15 +16,9 @@
 namespace ssu {
 namespace {
 
-template <DType T> struct Storage;
-template <> struct Storage<DType::F32> { using type = float; };
-template <> struct Storage<DType::BF16> { using type = uint16_t; };
-template <> struct Storage<DType::F16> { using type = uint16_t; };
-template <> struct Storage<DType::I16> { using type = int16_t; };
-
 template <DType T>
 inline float ld(const void* p, int64_t i) {
-  auto v = static_cast<const typename Storage<T>::type*>(p)[i];
+  auto v = static_cast<const typename Stor<T>::type*>(p)[i];
   if constexpr (T == DType::F32) return v;
   else if constexpr (T == DType::BF16) return bf16_to_f32(v);
   else if constexpr (T == DType::F16) return f16_to_f32(v);
@@ -33,7 +27,7 @@ inline float ld(const void* p, int64_t i) {
 
 template <DType T>
 inline void st_rn(void* p, int64_t i, float v) {
-  auto* q = static_cast<typename Storage<T>::type*>(p);
+  auto* q = static_cast<typename Stor<T>::type*>(p);
   if constexpr (T == DType::F32) q[i] = v;
   else if constexpr (T == DType::BF16) q[i] = f32_to_bf16_rn(v);
   else q[i] = f32_to_f16_rn(v);

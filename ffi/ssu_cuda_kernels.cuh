@@ -36,12 +36,6 @@
 namespace ssu {
 namespace cuda {
 
-template <DType T> struct Stor;
-template <> struct Stor<DType::F32> { using type = float; };
-template <> struct Stor<DType::BF16> { using type = uint16_t; };
-template <> struct Stor<DType::F16> { using type = uint16_t; };
-template <> struct Stor<DType::I16> { using type = int16_t; };
-
 // ---------------------------------------------------------------------------------------------
 // scalar and vector conversions
 // ---------------------------------------------------------------------------------------------
@@ -362,6 +356,135 @@ __device__ __forceinline__ bool prologue(const Params& p, const Launch& l, Ctx& 
 // register kernel
 // ---------------------------------------------------------------------------------------------
 
+// The T steps of the register-row kernels (ssu_reg, ssu_vert) on the RM rows a lane group
+// holds decoded in `s` (fp32, NV 16-byte vectors per lane): recurrence, group reduction, out,
+// and the state / intermediate stores. Rows: hp[r] (head*P + p), active where bit r of `act`.
+// load_bc(t, k, Bk, Ck) writes the E values of step t's B and C at this lane's vector k; with
+// several rows per lane they are loaded once per step for all rows.
+template <DType ST, DType IT, int NV, int RM, int V, typename LoadBC>
+__device__ __forceinline__ void run_rows(const Params& p, const Ctx& c, int L, int lane,
+                                         const int (&hp)[RM], unsigned act, float (&s)[RM][V],
+                                         LoadBC&& load_bc) {
+  constexpr int E = 16 / int(sizeof(typename Stor<ST>::type));
+  static_assert(V == E * NV, "rows hold NV state vectors per lane");
+  constexpr bool kSR = ST == DType::BF16 || ST == DType::F16;
+  const int HP = int(p.H * p.P);
+  const int h = c.h;
+  const int64_t N = p.N;
+  const int nvec = int(N / E);
+  auto on = [&](int r) { return (act >> r) & 1u; };
+  auto vok = [&](int k) { return lane + k * L < nvec; };
+  auto col = [&](int k) { return int64_t(lane + k * L) * E; };
+
+  // per-head parameters (per-element ones are read where used)
+  const float Dh = p.has_D && !p.D_elem ? ld_w(p.D, p.w_t, h) : 0.f;
+  const float bias_h = p.has_bias && !p.bias_elem ? ld_w(p.dt_bias, p.w_t, h) : 0.f;
+  const bool dt_row = p.dt_elem || p.bias_elem;  // dt differs between rows
+  const float Ah = p.A_elem ? 0.f : __ldg(p.A + h);
+
+  // Stores the R rows at row block `rb` (state: slot*HP, intermediate: (ii*CS + t)*HP).
+  auto store_rows = [&](void* base, float* scales, int64_t rb, uint32_t t, uint32_t kind) {
+    const StoreCtx sx = store_ctx(p, kSR);
+#pragma unroll
+    for (int r = 0; r < RM; ++r) {
+      float sc = 1.f;
+      if constexpr (ST == DType::I16) {
+        float am = 0.f;
+#pragma unroll
+        for (int i = 0; i < V; ++i) am = fmaxf(am, fabsf(s[r][i]));
+        am = group_max<32>(am, L);
+        sc = int16_scale(am);
+        if (lane == 0 && on(r)) scales[rb + hp[r]] = sc;
+      }
+      if (!on(r)) continue;
+#pragma unroll
+      for (int k = 0; k < NV; ++k)
+        if (vok(k))
+          st_state_vec<ST, E>(base, (rb + hp[r]) * N + col(k), &s[r][k * E], sc, sx, t, kind);
+    }
+  };
+
+  for (int t = 0; t < c.len; ++t) {
+    const int row = c.row0 + t;
+    const int64_t xrow = int64_t(row) * HP;
+    float Bv[RM > 1 ? V : 1], Cv[RM > 1 ? V : 1];
+    if constexpr (RM > 1) {
+#pragma unroll
+      for (int k = 0; k < NV; ++k) {
+        if (vok(k)) {
+          load_bc(t, k, &Bv[k * E], &Cv[k * E]);
+        } else {
+#pragma unroll
+          for (int i = 0; i < E; ++i) { Bv[k * E + i] = 0.f; Cv[k * E + i] = 0.f; }
+        }
+      }
+    }
+    float dt_h = 0.f;
+    if (!dt_row) dt_h = dt_value(p, row, h, 0, bias_h);
+    const float dA_h = __expf(Ah * dt_h);
+    float y[RM], xr[RM];
+#pragma unroll
+    for (int r = 0; r < RM; ++r) {
+      xr[r] = on(r) ? ld_scalar<IT>(p.x, xrow + hp[r]) : 0.f;
+      float dtr = dt_h, dA = dA_h;
+      if (dt_row) {
+        const float b = p.has_bias && p.bias_elem ? ld_w(p.dt_bias, p.w_t, hp[r]) : bias_h;
+        dtr = dt_value(p, row, h, hp[r], b);
+        dA = __expf(Ah * dtr);
+      }
+      float acc = 0.f;
+#pragma unroll
+      for (int k = 0; k < NV; ++k) {
+        if (!vok(k)) continue;
+        float Bk[E], Ck[E];
+        if constexpr (RM > 1) {
+#pragma unroll
+          for (int i = 0; i < E; ++i) { Bk[i] = Bv[k * E + i]; Ck[i] = Cv[k * E + i]; }
+        } else {
+          load_bc(t, k, Bk, Ck);
+        }
+        float a[E];
+        if (p.A_elem) {
+          const float4* ap = reinterpret_cast<const float4*>(p.A + int64_t(hp[r]) * N + col(k));
+#pragma unroll
+          for (int j = 0; j < E / 4; ++j) {
+            const float4 f = __ldg(ap + j);
+            a[4 * j] = __expf(f.x * dtr); a[4 * j + 1] = __expf(f.y * dtr);
+            a[4 * j + 2] = __expf(f.z * dtr); a[4 * j + 3] = __expf(f.w * dtr);
+          }
+        } else {
+#pragma unroll
+          for (int i = 0; i < E; ++i) a[i] = dA;
+        }
+#pragma unroll
+        for (int i = 0; i < E; ++i) {
+          // same association as the CPU: s*dA + (B*dt)*x (contracted to FMAs)
+          const float sv = s[r][k * E + i] * a[i] + (Bk[i] * dtr) * xr[r];
+          s[r][k * E + i] = sv;
+          acc += sv * Ck[i];
+        }
+      }
+      y[r] = acc;
+    }
+#pragma unroll
+    for (int r = 0; r < RM; ++r) y[r] = group_sum<32>(y[r], L);
+    if (lane == 0 && !c.covered(row)) {
+#pragma unroll
+      for (int r = 0; r < RM; ++r) {
+        if (!on(r)) continue;
+        const float Dv = p.has_D && p.D_elem ? ld_w(p.D, p.w_t, hp[r]) : Dh;
+        float v = y[r] + Dv * xr[r];
+        if (p.has_z) v = dev_gate(v, ld_scalar<IT>(p.z, xrow + hp[r]));
+        st_out<IT>(p.out, xrow + hp[r], v);
+      }
+    }
+    const int d = c.write_slot(p, t);
+    if (d >= 0) store_rows(p.state, p.state_scale, int64_t(d) * HP, uint32_t(t), 0u);
+    if (c.ii >= 0 && t < p.CS)
+      store_rows(p.inter, p.inter_scales, (int64_t(c.ii) * p.CS + t) * HP, uint32_t(t), 1u);
+  }
+}
+
 // Occupancy floor: 4 CTAs of 256 threads (64 registers) for up to 8 state values per lane,
 // 2 CTAs (128 registers) above. Rows per lane group: rows_per_lane() in ssu_cuda_plan.cuh.
 template <DType ST, int NV>
@@ -375,7 +498,6 @@ __global__ void __launch_bounds__(256, RegMinBlocks<ST, NV>::value)
   constexpr int E = 16 / int(sizeof(typename Stor<ST>::type));
   constexpr int V = E * NV;
   constexpr int RM = rows_per_lane(V);
-  constexpr bool kSR = ST == DType::BF16 || ST == DType::F16;
 
   Ctx c;
   if (!prologue<IT>(p, l, c)) return;
@@ -431,117 +553,12 @@ __global__ void __launch_bounds__(256, RegMinBlocks<ST, NV>::value)
     }
   }
 
-  // per-head parameters (per-element ones are read where used)
-  const float Dh = p.has_D && !p.D_elem ? ld_w(p.D, p.w_t, h) : 0.f;
-  const float bias_h = p.has_bias && !p.bias_elem ? ld_w(p.dt_bias, p.w_t, h) : 0.f;
-  const bool dt_row = p.dt_elem || p.bias_elem;  // dt differs between rows
-  const float Ah = p.A_elem ? 0.f : __ldg(p.A + h);
-
-  // Stores the R rows at row block `rb` (state: slot*HP, intermediate: (ii*CS + t)*HP).
-  auto store_rows = [&](void* base, float* scales, int64_t rb, uint32_t t, uint32_t kind) {
-    const StoreCtx sx = store_ctx(p, kSR);
-#pragma unroll
-    for (int r = 0; r < RM; ++r) {
-      float sc = 1.f;
-      if constexpr (ST == DType::I16) {
-        float am = 0.f;
-#pragma unroll
-        for (int i = 0; i < V; ++i) am = fmaxf(am, fabsf(s[r][i]));
-        am = group_max<32>(am, L);
-        sc = int16_scale(am);
-        if (lane == 0 && on(r)) scales[rb + hp[r]] = sc;
-      }
-      if (!on(r)) continue;
-#pragma unroll
-      for (int k = 0; k < NV; ++k)
-        if (vok(k))
-          st_state_vec<ST, E>(base, (rb + hp[r]) * N + col(k), &s[r][k * E], sc, sx, t, kind);
-    }
-  };
-
-  for (int t = 0; t < c.len; ++t) {
-    const int row = c.row0 + t;
-    const int64_t bc = (int64_t(row) * p.G + g) * N;
-    const int64_t xrow = int64_t(row) * HP;
-    // B and C of this step: held for all rows when the lane carries several rows
-    float Bv[RM > 1 ? V : 1], Cv[RM > 1 ? V : 1];
-    if constexpr (RM > 1) {
-#pragma unroll
-      for (int k = 0; k < NV; ++k) {
-        if (vok(k)) {
-          ld_in_vec<IT, E>(p.B, bc + col(k), *reinterpret_cast<float(*)[E]>(&Bv[k * E]));
-          ld_in_vec<IT, E>(p.C, bc + col(k), *reinterpret_cast<float(*)[E]>(&Cv[k * E]));
-        } else {
-#pragma unroll
-          for (int i = 0; i < E; ++i) { Bv[k * E + i] = 0.f; Cv[k * E + i] = 0.f; }
-        }
-      }
-    }
-    float dt_h = 0.f;
-    if (!dt_row) dt_h = dt_value(p, row, h, 0, bias_h);
-    const float dA_h = __expf(Ah * dt_h);
-    float y[RM], xr[RM];
-#pragma unroll
-    for (int r = 0; r < RM; ++r) {
-      xr[r] = on(r) ? ld_scalar<IT>(p.x, xrow + hp[r]) : 0.f;
-      float dtr = dt_h, dA = dA_h;
-      if (dt_row) {
-        const float b = p.has_bias && p.bias_elem ? ld_w(p.dt_bias, p.w_t, hp[r]) : bias_h;
-        dtr = dt_value(p, row, h, hp[r], b);
-        dA = __expf(Ah * dtr);
-      }
-      float acc = 0.f;
-#pragma unroll
-      for (int k = 0; k < NV; ++k) {
-        if (!vok(k)) continue;
-        float Bk[E], Ck[E];
-        if constexpr (RM > 1) {
-#pragma unroll
-          for (int i = 0; i < E; ++i) { Bk[i] = Bv[k * E + i]; Ck[i] = Cv[k * E + i]; }
-        } else {
-          ld_in_vec<IT, E>(p.B, bc + col(k), Bk);
-          ld_in_vec<IT, E>(p.C, bc + col(k), Ck);
-        }
-        float a[E];
-        if (p.A_elem) {
-          const float4* ap = reinterpret_cast<const float4*>(p.A + int64_t(hp[r]) * N + col(k));
-#pragma unroll
-          for (int j = 0; j < E / 4; ++j) {
-            const float4 f = __ldg(ap + j);
-            a[4 * j] = __expf(f.x * dtr); a[4 * j + 1] = __expf(f.y * dtr);
-            a[4 * j + 2] = __expf(f.z * dtr); a[4 * j + 3] = __expf(f.w * dtr);
-          }
-        } else {
-#pragma unroll
-          for (int i = 0; i < E; ++i) a[i] = dA;
-        }
-#pragma unroll
-        for (int i = 0; i < E; ++i) {
-          // same association as the CPU: s*dA + (B*dt)*x (contracted to FMAs)
-          const float sv = s[r][k * E + i] * a[i] + (Bk[i] * dtr) * xr[r];
-          s[r][k * E + i] = sv;
-          acc += sv * Ck[i];
-        }
-      }
-      y[r] = acc;
-    }
-#pragma unroll
-    for (int r = 0; r < RM; ++r) y[r] = group_sum<32>(y[r], L);
-    if (lane == 0 && !c.covered(row)) {
-#pragma unroll
-      for (int r = 0; r < RM; ++r) {
-        if (!on(r)) continue;
-        const float Dv = p.has_D && p.D_elem ? ld_w(p.D, p.w_t, hp[r]) : Dh;
-        float v = y[r] + Dv * xr[r];
-        if (p.has_z) v = dev_gate(v, ld_scalar<IT>(p.z, xrow + hp[r]));
-        st_out<IT>(p.out, xrow + hp[r], v);
-      }
-    }
-    const int d = c.write_slot(p, t);
-    if (d >= 0) store_rows(p.state, p.state_scale, int64_t(d) * HP, uint32_t(t), 0u);
-    if (c.ii >= 0 && t < p.CS)
-      store_rows(p.inter, p.inter_scales, (c.ii * p.CS + t) * HP, uint32_t(t), 1u);
-  }
+  run_rows<ST, IT, NV>(p, c, L, lane, hp, act, s,
+                       [&](int t, int k, float* Bk, float* Ck) {
+                         const int64_t bc = (int64_t(c.row0 + t) * p.G + g) * N;
+                         ld_in_vec<IT, E>(p.B, bc + col(k), *reinterpret_cast<float(*)[E]>(Bk));
+                         ld_in_vec<IT, E>(p.C, bc + col(k), *reinterpret_cast<float(*)[E]>(Ck));
+                       });
 }
 
 // ---------------------------------------------------------------------------------------------

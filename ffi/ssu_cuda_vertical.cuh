@@ -107,7 +107,6 @@ __global__ void __launch_bounds__(kVertThreads, 6) ssu_vert(const Params p, cons
   constexpr int V = E * NV;
   constexpr int RM = rows_per_lane(V);
   constexpr int S = kVertStages;
-  constexpr bool kSR = ST == DType::BF16 || ST == DType::F16;
   extern __shared__ __align__(128) unsigned char vsm[];
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   __shared__ __align__(8) uint64_t full[S];  // stage s holds a tile: phase k = tile s + k*S
@@ -188,11 +187,6 @@ __global__ void __launch_bounds__(kVertThreads, 6) ssu_vert(const Params p, cons
     }
   }
 
-  // per-head parameters (per-element ones are read where used)
-  const float Dh = p.has_D && !p.D_elem ? ld_w(p.D, p.w_t, h) : 0.f;
-  const float bias_h = p.has_bias && !p.bias_elem ? ld_w(p.dt_bias, p.w_t, h) : 0.f;
-  const bool dt_row = p.dt_elem || p.bias_elem;
-  const float Ah = p.A_elem ? 0.f : __ldg(p.A + h);
   auto vok = [&](int k) { return lane + k * L < nvec; };
   auto col = [&](int k) { return int64_t(lane + k * L) * E; };
 
@@ -254,113 +248,22 @@ __global__ void __launch_bounds__(kVertThreads, 6) ssu_vert(const Params p, cons
 #endif
     }
 
-    // Stores the group's rows at row block `rb` (state: slot*HP, intermediate: (ii*CS+t)*HP).
-    auto store_rows = [&](void* base, float* scales, int64_t rb, uint32_t t, uint32_t kind) {
-      const StoreCtx sx = store_ctx(p, kSR);
+    run_rows<ST, IT, NV>(p, c, L, lane, hp, act, s, [&](int t, int k, float* Bk, float* Ck) {
+      if (staged) {  // fp32 rows in shared memory: [t][B: N | C: N]
+        const float4* bp = reinterpret_cast<const float4*>(bcs + int64_t(t) * 2 * N + col(k));
+        const float4* cp = reinterpret_cast<const float4*>(bcs + int64_t(t) * 2 * N + N + col(k));
 #pragma unroll
-      for (int r = 0; r < RM; ++r) {
-        float sc = 1.f;
-        if constexpr (ST == DType::I16) {
-          float am = 0.f;
-#pragma unroll
-          for (int v = 0; v < V; ++v) am = fmaxf(am, fabsf(s[r][v]));
-          am = group_max<32>(am, L);
-          sc = int16_scale(am);
-          if (lane == 0 && on(r)) scales[rb + hp[r]] = sc;
+        for (int j = 0; j < E / 4; ++j) {
+          const float4 fb = bp[j], fc = cp[j];
+          Bk[4 * j] = fb.x; Bk[4 * j + 1] = fb.y; Bk[4 * j + 2] = fb.z; Bk[4 * j + 3] = fb.w;
+          Ck[4 * j] = fc.x; Ck[4 * j + 1] = fc.y; Ck[4 * j + 2] = fc.z; Ck[4 * j + 3] = fc.w;
         }
-        if (!on(r)) continue;
-#pragma unroll
-        for (int k = 0; k < NV; ++k)
-          if (vok(k))
-            st_state_vec<ST, E>(base, (rb + hp[r]) * N + col(k), &s[r][k * E], sc, sx, t, kind);
+      } else {
+        const int64_t bc = (int64_t(c.row0 + t) * p.G + g) * N;
+        ld_in_vec<IT, E>(p.B, bc + col(k), *reinterpret_cast<float(*)[E]>(Bk));
+        ld_in_vec<IT, E>(p.C, bc + col(k), *reinterpret_cast<float(*)[E]>(Ck));
       }
-    };
-
-    for (int t = 0; t < c.len; ++t) {
-      const int row = c.row0 + t;
-      const int64_t xrow = int64_t(row) * HP;
-      float Bv[V], Cv[V];
-#pragma unroll
-      for (int k = 0; k < NV; ++k) {
-        if (!vok(k)) {
-#pragma unroll
-          for (int e = 0; e < E; ++e) { Bv[k * E + e] = 0.f; Cv[k * E + e] = 0.f; }
-        } else if (staged) {
-          const float4* bp = reinterpret_cast<const float4*>(bcs + int64_t(t) * 2 * N + col(k));
-          const float4* cp = reinterpret_cast<const float4*>(bcs + int64_t(t) * 2 * N + N +
-                                                             col(k));
-#pragma unroll
-          for (int j = 0; j < E / 4; ++j) {
-            const float4 fb = bp[j], fc = cp[j];
-            Bv[k * E + 4 * j] = fb.x; Bv[k * E + 4 * j + 1] = fb.y;
-            Bv[k * E + 4 * j + 2] = fb.z; Bv[k * E + 4 * j + 3] = fb.w;
-            Cv[k * E + 4 * j] = fc.x; Cv[k * E + 4 * j + 1] = fc.y;
-            Cv[k * E + 4 * j + 2] = fc.z; Cv[k * E + 4 * j + 3] = fc.w;
-          }
-        } else {
-          const int64_t bc = (int64_t(row) * p.G + g) * N;
-          ld_in_vec<IT, E>(p.B, bc + col(k), *reinterpret_cast<float(*)[E]>(&Bv[k * E]));
-          ld_in_vec<IT, E>(p.C, bc + col(k), *reinterpret_cast<float(*)[E]>(&Cv[k * E]));
-        }
-      }
-      float dt_h = 0.f;
-      if (!dt_row) dt_h = dt_value(p, row, h, 0, bias_h);
-      const float dA_h = __expf(Ah * dt_h);
-      float y[RM], xr[RM];
-#pragma unroll
-      for (int r = 0; r < RM; ++r) {
-        xr[r] = on(r) ? ld_scalar<IT>(p.x, xrow + hp[r]) : 0.f;
-        float dtr = dt_h, dA = dA_h;
-        if (dt_row) {
-          const float b = p.has_bias && p.bias_elem ? ld_w(p.dt_bias, p.w_t, hp[r]) : bias_h;
-          dtr = dt_value(p, row, h, hp[r], b);
-          dA = __expf(Ah * dtr);
-        }
-        float acc = 0.f;
-#pragma unroll
-        for (int k = 0; k < NV; ++k) {
-          if (!vok(k)) continue;
-          float a[E];
-          if (p.A_elem) {
-            const float4* ap =
-                reinterpret_cast<const float4*>(p.A + int64_t(hp[r]) * N + col(k));
-#pragma unroll
-            for (int j = 0; j < E / 4; ++j) {
-              const float4 f = __ldg(ap + j);
-              a[4 * j] = __expf(f.x * dtr); a[4 * j + 1] = __expf(f.y * dtr);
-              a[4 * j + 2] = __expf(f.z * dtr); a[4 * j + 3] = __expf(f.w * dtr);
-            }
-          } else {
-#pragma unroll
-            for (int e = 0; e < E; ++e) a[e] = dA;
-          }
-#pragma unroll
-          for (int e = 0; e < E; ++e) {
-            // same association as the CPU: s*dA + (B*dt)*x (contracted to FMAs)
-            const float sv = s[r][k * E + e] * a[e] + (Bv[k * E + e] * dtr) * xr[r];
-            s[r][k * E + e] = sv;
-            acc += sv * Cv[k * E + e];
-          }
-        }
-        y[r] = acc;
-      }
-#pragma unroll
-      for (int r = 0; r < RM; ++r) y[r] = group_sum<32>(y[r], L);
-      if (lane == 0 && !c.covered(row)) {
-#pragma unroll
-        for (int r = 0; r < RM; ++r) {
-          if (!on(r)) continue;
-          const float Dv = p.has_D && p.D_elem ? ld_w(p.D, p.w_t, hp[r]) : Dh;
-          float v = y[r] + Dv * xr[r];
-          if (p.has_z) v = dev_gate(v, ld_scalar<IT>(p.z, xrow + hp[r]));
-          st_out<IT>(p.out, xrow + hp[r], v);
-        }
-      }
-      const int d = c.write_slot(p, t);
-      if (d >= 0) store_rows(p.state, p.state_scale, int64_t(d) * HP, uint32_t(t), 0u);
-      if (c.ii >= 0 && t < p.CS)
-        store_rows(p.inter, p.inter_scales, (int64_t(c.ii) * p.CS + t) * HP, uint32_t(t), 1u);
-    }
+    });
   }
 }
 

@@ -18,6 +18,13 @@ namespace ssu {
 // Element types the kernels understand (values chosen independently of XLA's enum).
 enum class DType : int { F32 = 0, BF16 = 1, F16 = 2, I16 = 3 };
 
+// The element type a DType is stored as (16-bit floats as raw bits).
+template <DType T> struct Stor;
+template <> struct Stor<DType::F32> { using type = float; };
+template <> struct Stor<DType::BF16> { using type = uint16_t; };
+template <> struct Stor<DType::F16> { using type = uint16_t; };
+template <> struct Stor<DType::I16> { using type = int16_t; };
+
 SSU_HD uint32_t f32_bits(float v) {
 #if defined(__CUDA_ARCH__)
   return __float_as_uint(v);
