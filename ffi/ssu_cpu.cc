@@ -192,7 +192,7 @@ void run_item(const Params& p, const Entry& e, int64_t b, int64_t h) {
       const int64_t d = state_write_slot(p, e, b, t);
       if (d >= 0) store_row<ST>(p, p.state, p.state_scale, (d * HP + hp) * N, d * HP + hp,
                                 s.data(), uint32_t(t), 0);
-      if (e.ii >= 0) {
+      if (e.ii >= 0 && t < p.CS) {
         const int64_t blk = (e.ii * p.CS + t) * HP + hp;
         store_row<ST>(p, p.inter, p.inter_scales, blk * N, blk, s.data(), uint32_t(t), 1);
       }
@@ -201,11 +201,12 @@ void run_item(const Params& p, const Entry& e, int64_t b, int64_t h) {
 }
 
 template <DType ST, DType IT>
-void run_range(const Params& p, int64_t item0, int64_t item1) {
+void run_range(const Params& p, const std::vector<uint8_t>& overlapped, int64_t item0,
+               int64_t item1) {
   const float nan = std::numeric_limits<float>::quiet_NaN();
   for (int64_t it = item0; it < item1; ++it) {
     const int64_t b = it / p.H, h = it % p.H;
-    const Entry e = resolve_entry(p, b);
+    const Entry e = resolve_entry(p, b, p.varlen && overlapped[size_t(b)]);
     if (!e.valid) {  // NaN over the entry's rows, head h only: items stay disjoint
       for (int64_t r = e.nan_lo; r < e.nan_hi; ++r)
         for (int64_t pp = 0; pp < p.P; ++pp) st_rn<IT>(p.out, (r * p.H + h) * p.P + pp, nan);
@@ -215,16 +216,41 @@ void run_range(const Params& p, int64_t item0, int64_t item1) {
   }
 }
 
+// seq_overlaps (ssu_params.h) for every sequence at once: sort the owned row ranges by start;
+// a range meets another iff it starts before the furthest end of the ranges sorted before it,
+// or the next range starts before it ends.
+std::vector<uint8_t> overlapping_sequences(const Params& p) {
+  std::vector<uint8_t> res(size_t(p.varlen ? p.nb : 0), 0);
+  if (!p.varlen) return res;
+  std::vector<std::pair<int64_t, int64_t>> spans;  // (lo, sequence) of non-empty ranges
+  std::vector<int64_t> hi(size_t(p.nb));
+  for (int64_t s = 0; s < p.nb; ++s) {
+    const SeqSpan q = seq_span(p, s);
+    hi[size_t(s)] = q.hi;
+    if (q.lo < q.hi) spans.emplace_back(q.lo, s);
+  }
+  std::sort(spans.begin(), spans.end());
+  int64_t reach = INT64_MIN;
+  for (size_t i = 0; i < spans.size(); ++i) {
+    const int64_t s = spans[i].second, end = hi[size_t(s)];
+    if (spans[i].first < reach) res[size_t(s)] = 1;
+    if (i + 1 < spans.size() && spans[i + 1].first < end) res[size_t(s)] = 1;
+    reach = std::max(reach, end);
+  }
+  return res;
+}
+
 // Splits the (entry, head) items over the caller and XLA's intra-op thread pool. Tasks hold
 // the shared counter by value, so one that starts after the handler returned finds no work.
 template <DType ST, DType IT>
 void run(const Params& p, ffi::ThreadPool pool) {
   if (p.varlen)  // rows that no sequence owns stay 0
     for (int64_t i = 0; i < p.rows * p.H * p.P; ++i) st_rn<IT>(p.out, i, 0.f);
+  const std::vector<uint8_t> overlapped = overlapping_sequences(p);
   const int64_t items = p.nb * p.H;
   const int64_t work = items * (p.T > 0 ? p.T : 1) * p.P * p.N;
   const int64_t threads = std::min<int64_t>(pool.num_threads(), items);
-  if (threads <= 1 || work < (1 << 16)) return run_range<ST, IT>(p, 0, items);
+  if (threads <= 1 || work < (1 << 16)) return run_range<ST, IT>(p, overlapped, 0, items);
   const int64_t chunk = std::max<int64_t>(1, items / (4 * (threads + 1)));
   struct Shared {
     std::atomic<int64_t> next{0}, done{0};
@@ -232,12 +258,13 @@ void run(const Params& p, ffi::ThreadPool pool) {
     std::condition_variable cv;
   };
   auto sh = std::make_shared<Shared>();
-  auto worker = [sh, p, items, chunk]() {
+  auto ov = std::make_shared<const std::vector<uint8_t>>(overlapped);
+  auto worker = [sh, ov, p, items, chunk]() {
     for (;;) {
       const int64_t i0 = sh->next.fetch_add(chunk);
       if (i0 >= items) return;
       const int64_t i1 = std::min(items, i0 + chunk);
-      run_range<ST, IT>(p, i0, i1);
+      run_range<ST, IT>(p, *ov, i0, i1);
       if (sh->done.fetch_add(i1 - i0) + (i1 - i0) == items) {
         std::lock_guard<std::mutex> lock(sh->mu);
         sh->cv.notify_all();

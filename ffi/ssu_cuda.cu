@@ -136,8 +136,9 @@ bool make_plan(const Params& p, int64_t algorithm, const DeviceInfo& di, Plan* p
       const int64_t heads = p.nb * H, target = 8 * int64_t(di.sms);
       while (k * 2 <= ntile && heads * ceil_div(ntile, k * 2) >= target) k *= 2;
     }
-    // B/C staging: the steps an entry may have (T; varlen: max_len when given), capped.
-    const int64_t steps = p.varlen ? (p.max_len > 0 ? p.max_len : 8) : p.T;
+    // B/C staging: the steps an entry may have (T; varlen: its limit when there is one), capped.
+    const int64_t limit = p.has_inter ? p.CS : p.has_cache_steps ? p.cache_steps : 8;
+    const int64_t steps = p.varlen ? limit : p.T;
     const int64_t bc_steps = std::max<int64_t>(0, std::min<int64_t>(steps, 16384 / (8 * N)));
     const size_t smem = size_t(kVertStages) * vert_stage_bytes(tile, N, esize) +
                         size_t(bc_steps) * 2 * size_t(N) * sizeof(float);
@@ -155,6 +156,30 @@ bool make_plan(const Params& p, int64_t algorithm, const DeviceInfo& di, Plan* p
     l.tile_rows = tile;
     l.bc_steps = int(bc_steps);
     l.rows_cta = int(std::min<int64_t>(k * tile, P));
+  } else if (algorithm != 3 && !p.varlen && p.T == 1 && vec && nvec <= 32 &&
+             (nvec & (nvec - 1)) == 0) {
+    // Single-step kernel: a row is VPR = nvec vectors, one per lane of a VPR-lane group; a
+    // thread owns KV rows. KV: as many as keep >= 4 CTAs of work per SM (more rows per thread =
+    // more loads in flight and the per-CTA work amortised; fewer = more CTAs at small batch).
+    const int VPR = int(nvec);
+    const int64_t rows_total = p.nb * H * P;
+    int kv = 8;
+    auto ctas = [&](int k) {
+      const int64_t rc = int64_t(k) * (256 / VPR);
+      return p.nb * H * ceil_div(P, std::min<int64_t>(rc, P));
+    };
+    while (kv > 1 && (ctas(kv) < 4 * int64_t(di.sms) || int64_t(kv / 2) * 256 / VPR >= P)) kv /= 2;
+    if (rows_override() > 0) kv = std::min(8, pow2_ceil(rows_override()));
+    const int64_t rows_cta = std::min<int64_t>(int64_t(kv) * (256 / VPR), rows_total);
+    const int threads = int(std::min<int64_t>(256, ceil_div(ceil_div(std::min<int64_t>(rows_cta, P),
+                                                                     kv) * VPR, 32) * 32));
+    pl->kernel = Kernel::kStep1;
+    pl->nv = kv;
+    pl->threads = threads;
+    pl->smem = 0;
+    l.lshift = log2i(VPR);
+    l.R = kv;
+    l.rows_cta = kv * (threads / VPR);
   } else if (algorithm == 3 && !vec) {
     *why = "algorithm='horizontal' needs dstate to be a multiple of " + std::to_string(E) +
            " and at most 1024 for this state dtype, got dstate=" + std::to_string(N);

@@ -18,11 +18,9 @@
 //
 // Every CTA works on one (entry, head, row chunk): entry = batch row or varlen sequence, so
 // resolve_entry (ssu_params.h) runs uniformly per CTA on device-resident indices.
-// Varlen write ordering: the CPU handler processes entries in order, so an out row named by
-// several (invalid, overlapping) cu_seqlens spans keeps the last entry's value. Here entry b
-// skips its out stores on rows covered by any later entry's span: the union of the later
-// spans is [min_{i>b} cu[i], max_{i>b} cu[i]) (consecutive spans form a connected path),
-// clamped to [0, rows). Rows outside [min cu, max cu) are zeroed by extra "zero" CTAs.
+// Varlen (SPEC §3.2): a valid sequence owns its rows of `out` alone (overlapping sequences are
+// both invalid, resolve_entry), so CTAs never write the same row with different values; rows
+// no sequence owns are zeroed by extra "zero" CTAs.
 #pragma once
 #include <cstdint>
 #include <cuda_fp16.h>
@@ -254,45 +252,34 @@ __device__ __forceinline__ StoreCtx store_ctx(const Params& p, bool sr_dtype) {
 // CTA prologue: grid decomposition, varlen coverage, zero fill, invalid entries
 // ---------------------------------------------------------------------------------------------
 
-// min / max of cu_seqlens[i0..i1] over the CTA (INT64_MAX / INT64_MIN when empty).
-// Called by every thread of the CTA, at most once per CTA.
-__device__ __forceinline__ void block_minmax(const Params& p, int64_t i0, int64_t i1,
-                                             int64_t& mn, int64_t& mx) {
-  __shared__ long long smn[32], smx[32];
-  long long a = INT64_MAX, z = INT64_MIN;
-  for (int64_t i = i0 + threadIdx.x; i <= i1; i += blockDim.x) {
-    const long long v = load_index(p.cu, p.cu64, i);
-    a = v < a ? v : a;
-    z = v > z ? v : z;
-  }
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) {
-    const long long a2 = __shfl_xor_sync(0xffffffffu, a, o);
-    const long long z2 = __shfl_xor_sync(0xffffffffu, z, o);
-    a = a2 < a ? a2 : a;
-    z = z2 > z ? z2 : z;
-  }
-  const int warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
-  if ((threadIdx.x & 31) == 0) { smn[warp] = a; smx[warp] = z; }
-  __syncthreads();
-  a = smn[0]; z = smx[0];
-  for (int w = 1; w < nw; ++w) {
-    a = smn[w] < a ? smn[w] : a;
-    z = smx[w] > z ? smx[w] : z;
-  }
-  mn = a; mx = z;
-}
-
+// Rows of `out` that no sequence owns are 0 (SPEC §3.2). With cu_seqlens non-decreasing they
+// are [0, cu[0]) and [cu[nb], rows); otherwise (invalid input, the slow path) each row's
+// ownership is looked up over all sequences. Main CTAs never write these rows.
 template <DType IT>
 __device__ void zero_fill(const Params& p, const Launch& l, int64_t zb) {
-  int64_t mn, mx;
-  block_minmax(p, 0, p.nb, mn, mx);
-  const int64_t lo = clamp_rows(mn, p.rows);
-  int64_t hi = clamp_rows(mx, p.rows);
-  if (hi < lo) hi = lo;
-  const int64_t HP = p.H * p.P, n1 = lo * HP, n = n1 + (p.rows - hi) * HP;
-  for (int64_t i = zb * blockDim.x + threadIdx.x; i < n; i += l.zero_blocks * blockDim.x)
-    st_out<IT>(p.out, i < n1 ? i : hi * HP + (i - n1), 0.f);
+  bool mono = true;
+  for (int64_t i = threadIdx.x; i < p.nb; i += blockDim.x)
+    mono = mono && load_index(p.cu, p.cu64, i) <= load_index(p.cu, p.cu64, i + 1);
+  mono = __syncthreads_and(mono);
+  const int64_t HP = p.H * p.P;
+  if (mono) {
+    const int64_t lo = clamp_rows(load_index(p.cu, p.cu64, 0), p.rows);
+    int64_t hi = clamp_rows(load_index(p.cu, p.cu64, p.nb), p.rows);
+    if (hi < lo) hi = lo;
+    const int64_t n1 = lo * HP, n = n1 + (p.rows - hi) * HP;
+    for (int64_t i = zb * blockDim.x + threadIdx.x; i < n; i += l.zero_blocks * blockDim.x)
+      st_out<IT>(p.out, i < n1 ? i : hi * HP + (i - n1), 0.f);
+    return;
+  }
+  for (int64_t r = zb; r < p.rows; r += l.zero_blocks) {
+    bool owned = false;
+    for (int64_t s = threadIdx.x; s < p.nb && !owned; s += blockDim.x) {
+      const SeqSpan q = seq_span(p, s);
+      owned = r >= q.lo && r < q.hi;
+    }
+    if (__syncthreads_or(owned)) continue;
+    for (int64_t i = threadIdx.x; i < HP; i += blockDim.x) st_out<IT>(p.out, r * HP + i, 0.f);
+  }
 }
 
 // One CTA's entry, resolved (valid and non-empty). 32-bit fields: slot, row and entry counts
@@ -301,8 +288,6 @@ struct Ctx {
   int b, h, chunk;
   int row0, len, src, ii;  // first row, steps, slot read, intermediate row (-1: none)
   bool padded;
-  int cov_lo, cov_hi;      // out rows written by later entries (varlen): skip ours there
-  __device__ bool covered(int r) const { return r >= cov_lo && r < cov_hi; }
   // Slot of `state` written after step t (-1: none), per ssu_params.h.
   __device__ int write_slot(const Params& p, int t) const {
     const Entry e{row0, len, src, ii, true, padded, 0, 0};
@@ -311,6 +296,7 @@ struct Ctx {
 };
 
 // Returns false when the CTA has nothing left to do (zero CTA, invalid entry, empty entry).
+// Called by every thread of the CTA (it synchronises).
 template <DType IT>
 __device__ __forceinline__ bool prologue(const Params& p, const Launch& l, Ctx& c) {
   const int64_t blk = blockIdx.x;
@@ -324,24 +310,22 @@ __device__ __forceinline__ bool prologue(const Params& p, const Launch& l, Ctx& 
   const unsigned bh = ublk / uch;
   c.h = int(bh % uH);
   c.b = int(bh / uH);
-  c.cov_lo = 0;
-  c.cov_hi = 0;
-  if (p.varlen) {
-    int64_t mn, mx;
-    block_minmax(p, c.b + 1, p.nb, mn, mx);
-    c.cov_lo = int(clamp_rows(mn, p.rows));
-    c.cov_hi = int(clamp_rows(mx, p.rows));
+  bool overlapped = false;
+  if (p.varlen) {  // seq_overlaps, the sequences split over the CTA's threads
+    const SeqSpan q = seq_span(p, c.b);
+    const int64_t per = (p.nb + blockDim.x - 1) / blockDim.x, t0 = threadIdx.x * per;
+    const bool mine = seq_overlaps(p, q, c.b, t0 < p.nb ? t0 : p.nb,
+                                   t0 + per < p.nb ? t0 + per : p.nb);
+    overlapped = __syncthreads_or(mine);
   }
-  const Entry e = resolve_entry(p, c.b);
+  const Entry e = resolve_entry(p, c.b, overlapped);
   if (!e.valid) {  // NaN over the entry's rows, this CTA's (head, row chunk) part
     const int p0 = c.chunk * l.rows_cta;
     const int p1 = p0 + l.rows_cta < p.P ? p0 + l.rows_cta : int(p.P);
     const float nan = __int_as_float(0x7fc00000);
-    for (int row = int(e.nan_lo); row < int(e.nan_hi); ++row) {
-      if (c.covered(row)) continue;
+    for (int row = int(e.nan_lo); row < int(e.nan_hi); ++row)
       for (int pp = p0 + int(threadIdx.x); pp < p1; pp += blockDim.x)
         st_out<IT>(p.out, (int64_t(row) * p.H + c.h) * p.P + pp, nan);
-    }
     return false;
   }
   c.row0 = int(e.row0);
@@ -468,7 +452,7 @@ __device__ __forceinline__ void run_rows(const Params& p, const Ctx& c, int L, i
     }
 #pragma unroll
     for (int r = 0; r < RM; ++r) y[r] = group_sum<32>(y[r], L);
-    if (lane == 0 && !c.covered(row)) {
+    if (lane == 0) {
 #pragma unroll
       for (int r = 0; r < RM; ++r) {
         if (!on(r)) continue;
@@ -618,7 +602,7 @@ __global__ void __launch_bounds__(128) ssu_generic(const Params p, const Launch 
       y += sv * ld_scalar<IT>(p.C, bc + n);
     }
     y = group_sum<32>(y, 32);
-    if (lane == 0 && !c.covered(int(row))) {
+    if (lane == 0) {
       float v = y + Dv * xv;
       if (p.has_z) v = dev_gate(v, ld_scalar<IT>(p.z, row * HP + hp));
       st_out<IT>(p.out, row * HP + hp, v);
@@ -634,6 +618,7 @@ __global__ void __launch_bounds__(128) ssu_generic(const Params p, const Launch 
 }  // namespace ssu
 
 #include "ssu_cuda_vertical.cuh"
+#include "ssu_cuda_step1.cuh"
 
 namespace ssu {
 namespace cuda {
@@ -647,6 +632,15 @@ cudaError_t launch_input(const Params& p, const Plan& pl, cudaStream_t stream) {
   const int64_t blocks = pl.l.main_blocks + pl.l.zero_blocks;
   const dim3 grid(static_cast<unsigned>(blocks)), block(static_cast<unsigned>(pl.threads));
   if (pl.kernel == Kernel::kVert) return launch_vert<ST, IT>(p, pl, grid, block, stream);
+  if (pl.kernel == Kernel::kStep1) {
+    switch (pl.nv) {
+      case 1: ssu_step1<ST, IT, 1><<<grid, block, 0, stream>>>(p, pl.l); return cudaSuccess;
+      case 2: ssu_step1<ST, IT, 2><<<grid, block, 0, stream>>>(p, pl.l); return cudaSuccess;
+      case 4: ssu_step1<ST, IT, 4><<<grid, block, 0, stream>>>(p, pl.l); return cudaSuccess;
+      case 8: ssu_step1<ST, IT, 8><<<grid, block, 0, stream>>>(p, pl.l); return cudaSuccess;
+      default: return cudaErrorInvalidConfiguration;
+    }
+  }
   if (pl.kernel == Kernel::kGeneric) {
     if (pl.smem > 48 * 1024) {
       cudaError_t err = cudaFuncSetAttribute(ssu_generic<ST, IT>,

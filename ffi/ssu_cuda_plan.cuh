@@ -29,7 +29,7 @@ struct Launch {
 // per lane (host and device must agree).
 constexpr int rows_per_lane(int V) { return V <= 4 ? 4 : (V <= 8 ? 2 : 1); }
 
-enum class Kernel : int { kNone = 0, kReg = 1, kGeneric = 2, kVert = 3 };
+enum class Kernel : int { kNone = 0, kReg = 1, kGeneric = 2, kVert = 3, kStep1 = 4 };
 
 // Vertical kernel (ssu_cuda_vertical.cuh): shared-memory ring depth, most threads per CTA, and
 // the bytes of one stage of `tile_rows` state rows of N elements (128-byte aligned stages).
@@ -41,7 +41,8 @@ __host__ __device__ constexpr uint32_t vert_stage_bytes(int tile_rows, int64_t N
 
 struct Plan {
   Kernel kernel = Kernel::kNone;
-  int nv = 0;            // 16-byte state vectors per lane (register / vertical kernels)
+  int nv = 0;            // 16-byte state vectors per lane (register / vertical kernels), rows
+                         // per thread (single-step kernel)
   int threads = 0;
   size_t smem = 0;       // dynamic shared memory (generic / vertical kernels)
   Launch l{};

@@ -79,7 +79,9 @@ inline ffi::Error decode_params(ffi::RemainingArgs args, ffi::RemainingRets rets
   p->softplus = attr("dt_softplus", false);
   p->update_state = !attr("disable_state_update", false);
   p->philox_rounds = int(attr("philox_rounds", int64_t(10)));
-  p->max_len = attr("max_len", int64_t(0));
+  // -1: no limit (a limit of 0 steps is a real one)
+  p->cache_steps = attr("cache_steps", int64_t(-1));
+  p->has_cache_steps = p->cache_steps >= 0;
   *algorithm = attr("algorithm", int64_t(0));
 
   p->has_D = present & kD; p->has_z = present & kZ; p->has_bias = present & kDtBias;
@@ -103,7 +105,9 @@ inline ffi::Error decode_params(ffi::RemainingArgs args, ffi::RemainingRets rets
   }
   auto bd = in[aB].dimensions();
   p->G = bd[bd.size() - 2];
+  if (p->H <= 0 || p->P <= 0 || p->N <= 0) return bad("nheads, dim and dstate must be positive");
   if (p->G <= 0 || p->H % p->G != 0) return bad("ngroups must divide nheads");
+  if (p->nb < 0) return bad("cu_seqlens must have at least one element");
   if (!to_dtype(in[aState].element_type(), &p->state_t)) return bad("unsupported state dtype");
   if (!to_dtype(in[aX].element_type(), &p->in_t) || p->in_t == DType::I16)
     return bad("unsupported x dtype");
@@ -115,8 +119,10 @@ inline ffi::Error decode_params(ffi::RemainingArgs args, ffi::RemainingRets rets
   p->A_elem = in[aA].dimensions().size() == 3;
   p->D_elem = in[aD].dimensions().size() == 2;
   p->bias_elem = in[aDtBias].dimensions().size() == 2;
-  p->K_sbi = (p->has_sbi && in[aSbi].dimensions().size() == 2) ? in[aSbi].dimensions()[1] : 0;
-  p->K_dst = (p->has_dst && in[aDst].dimensions().size() == 2) ? in[aDst].dimensions()[1] : 0;
+  p->sbi_2d = p->has_sbi && in[aSbi].dimensions().size() == 2;
+  p->dst_2d = p->has_dst && in[aDst].dimensions().size() == 2;
+  p->K_sbi = p->sbi_2d ? in[aSbi].dimensions()[1] : 1;
+  p->K_dst = p->dst_2d ? in[aDst].dimensions()[1] : 1;
   p->idx64 = (p->has_sbi ? in[aSbi] : p->has_dst ? in[aDst] : in[aInterIdx]).element_type() ==
              ffi::DataType::S64;
   p->cu64 = in[aCu].element_type() == ffi::DataType::S64;

@@ -18,17 +18,19 @@ enum Present : int64_t {
 //   A f32 (H) or (H,P,N); B, C rows x (G,N); D, dt_bias (H) or (H,P);
 //   sbi, dst (nb) or (nb,K); state_scale f32 (S,H,P); inter (I,CS,H,P,N) + scales (I,CS,H,P);
 //   inter_idx, nacc (nb); cu_seqlens (nb+1); seed u32 (2).
+// Absence is always an explicit flag, never a size: any size (0 included) is a real size.
 struct Params {
   int64_t S, H, P, N, G, nb, T, rows;  // T: steps per entry (0 in varlen)
-  int64_t K_sbi, K_dst;                 // widths of 2-D index arrays, 0 when 1-D or absent
-  int64_t I, CS;                        // intermediate rows and step axis
-  int64_t max_len;                      // longest allowed sequence (0 = unlimited)
+  int64_t K_sbi, K_dst;                 // widths of 2-D index arrays (when sbi_2d / dst_2d)
+  int64_t I, CS;                        // intermediate rows and step axis (when has_inter)
+  int64_t cache_steps;                  // longest allowed sequence (when has_cache_steps)
   int64_t pad;
   int philox_rounds;
   DType state_t, in_t, w_t;             // state, x/B/C/z/out, dt/D/dt_bias
   bool idx64, cu64, nacc64;
   bool varlen, dt_elem, A_elem, D_elem, bias_elem;
   bool has_D, has_z, has_bias, has_sbi, has_dst, has_inter, has_inter_idx, has_nacc, has_seed;
+  bool sbi_2d, dst_2d, has_cache_steps;
   bool softplus, update_state;
 
   void* state; float* state_scale;
@@ -60,7 +62,7 @@ constexpr int64_t kNoWrite = INT64_MIN;
 SSU_HD int64_t state_write_raw(const Params& p, const Entry& e, int64_t b, int64_t t) {
   if (!p.update_state || e.padded) return kNoWrite;
   if (p.has_dst) {
-    if (p.K_dst > 0) return load_index(p.dst, p.idx64, b * p.K_dst + t);
+    if (p.dst_2d) return load_index(p.dst, p.idx64, b * p.K_dst + t);
     return t == e.len - 1 ? load_index(p.dst, p.idx64, b) : kNoWrite;
   }
   return t == e.len - 1 ? e.src : kNoWrite;
@@ -74,32 +76,77 @@ SSU_HD int64_t state_write_slot(const Params& p, const Entry& e, int64_t b, int6
 
 SSU_HD int64_t clamp_rows(int64_t r, int64_t rows) { return r < 0 ? 0 : (r > rows ? rows : r); }
 
-SSU_HD Entry resolve_entry(const Params& p, int64_t b) {
+// Varlen (SPEC §3.2): sequence s spans cu[s] .. cu[s+1]. Its bounds are wrong when negative,
+// decreasing or beyond the token count. The rows it owns are its span clipped to [0, rows),
+// none at all when cu decreases. Two sequences whose owned rows intersect are both invalid, so
+// a valid sequence owns its rows alone and an invalid one may write NaN over all of its own.
+struct SeqSpan {
+  int64_t a, z;     // cu[s], cu[s+1]
+  int64_t lo, hi;   // owned rows [lo, hi), lo == hi: none
+  bool bounds_ok;
+};
+
+SSU_HD SeqSpan seq_span(const Params& p, int64_t s) {
+  SeqSpan q;
+  q.a = load_index(p.cu, p.cu64, s);
+  q.z = load_index(p.cu, p.cu64, s + 1);
+  q.bounds_ok = q.a >= 0 && q.z >= q.a && q.z <= p.rows;
+  q.lo = clamp_rows(q.a, p.rows);
+  q.hi = q.z >= q.a ? clamp_rows(q.z, p.rows) : q.lo;
+  return q;
+}
+
+SSU_HD bool spans_intersect(const SeqSpan& u, const SeqSpan& v) {
+  return u.lo < u.hi && v.lo < v.hi && u.lo < v.hi && v.lo < u.hi;
+}
+
+// Whether the rows sequence s owns intersect those of sequences [t0, t1) other than s. Callers
+// split [0, nb) between threads; the scalar form (whole range) is the definition.
+SSU_HD bool seq_overlaps(const Params& p, const SeqSpan& q, int64_t s, int64_t t0, int64_t t1) {
+  if (q.lo >= q.hi) return false;
+  for (int64_t t = t0; t < t1; ++t)
+    if (t != s && spans_intersect(q, seq_span(p, t))) return true;
+  return false;
+}
+
+// Whether row r of out belongs to some sequence (rows that belong to none are 0).
+SSU_HD bool row_owned(const Params& p, int64_t r) {
+  for (int64_t s = 0; s < p.nb; ++s) {
+    const SeqSpan q = seq_span(p, s);
+    if (r >= q.lo && r < q.hi) return true;
+  }
+  return false;
+}
+
+// `overlapped`: varlen only, seq_overlaps over all sequences (computed by the caller, which
+// can share the work).
+SSU_HD Entry resolve_entry(const Params& p, int64_t b, bool overlapped = false) {
   Entry e{0, 0, 0, -1, true, false, 0, 0};
   if (p.varlen) {
-    int64_t a = load_index(p.cu, p.cu64, b), z = load_index(p.cu, p.cu64, b + 1);
-    if (a < 0 || z < a || z > p.rows) {  // bad bounds: NaN over the span they name
+    const SeqSpan q = seq_span(p, b);
+    if (!q.bounds_ok || overlapped) {  // NaN over the rows it owns (none when decreasing)
       e.valid = false;
-      e.nan_lo = clamp_rows(a < z ? a : z, p.rows);
-      e.nan_hi = clamp_rows(a < z ? z : a, p.rows);
+      e.nan_lo = q.lo;
+      e.nan_hi = q.hi;
       return e;
     }
-    e.row0 = a; e.len = z - a;
+    e.row0 = q.a; e.len = q.z - q.a;
   } else {
     e.row0 = b * p.T; e.len = p.T;
   }
   if (e.len == 0) return e;  // a zero-length sequence reads and writes nothing
-  bool ok = !(p.max_len > 0 && e.len > p.max_len) && !(p.K_sbi > 0 && e.len > p.K_sbi) &&
-            !(p.K_dst > 0 && e.len > p.K_dst);
+  bool ok = !(p.has_cache_steps && e.len > p.cache_steps) && !(p.sbi_2d && e.len > p.K_sbi) &&
+            !(p.dst_2d && e.len > p.K_dst) && !(p.has_inter && e.len > p.CS);
   if (ok && p.has_sbi) {
     int64_t col = 0;
     if (p.has_nacc) {
       int64_t na = load_index(p.nacc, p.nacc64, b);
-      ok = na >= 0 && na <= p.K_sbi;
+      ok = p.sbi_2d && na >= 0 && na <= p.K_sbi;
       col = na > 1 ? na - 1 : 0;
     }
+    ok = ok && (!p.sbi_2d || col < p.K_sbi);
     if (ok) {
-      int64_t v = load_index(p.sbi, p.idx64, b * (p.K_sbi > 0 ? p.K_sbi : 1) + col);
+      int64_t v = load_index(p.sbi, p.idx64, p.sbi_2d ? b * p.K_sbi + col : b);
       e.padded = v == p.pad;
       ok = e.padded || slot_ok(v, p.S);
       e.src = v;

@@ -65,11 +65,37 @@ def _as_array(name, v):
 
 
 def _static_int(name, v):
+    if isinstance(v, jax.core.Tracer):
+        raise TypeError(f"{name}: expected a static Python int, got a traced value (it is baked "
+                        "into the compiled kernel; mark it static, e.g. jax.jit(..., "
+                        "static_argnames=...))")
+    if isinstance(v, (bool, np.bool_)):
+        raise TypeError(f"{name}: expected a Python int, got bool {v!r}")
     try:
         return operator.index(v)
     except TypeError:
         raise TypeError(f"{name}: expected a static Python int, got {type(v).__name__} "
                         "(it is baked into the compiled kernel; pass it as a static argument)") from None
+
+
+def _static_bool(name, v):
+    if isinstance(v, jax.core.Tracer):
+        raise TypeError(f"{name}: expected a static Python bool, got a traced value (it selects "
+                        "the computation at trace time; mark it static, e.g. jax.jit(..., "
+                        "static_argnames=...))")
+    if not isinstance(v, (bool, np.bool_)):
+        raise TypeError(f"{name}: expected a Python bool (True or False), got "
+                        f"{type(v).__name__} {v!r}")
+    return bool(v)
+
+
+def _required(name, v):
+    if v is None:
+        raise TypeError(f"{name}: expected an array, got None (it is a required argument)")
+    return v
+
+
+_INT_RANGE = {np.dtype(np.int32): (-2**31, 2**31 - 1), np.dtype(np.int64): (-2**63, 2**63 - 1)}
 
 
 @dataclasses.dataclass
@@ -98,7 +124,7 @@ class Problem:
     dt_softplus: bool
     disable_state_update: bool
     philox_rounds: int
-    max_len: int
+    cache_steps: Optional[int]  # longest allowed sequence (cache_steps or the buffer's step axis)
     algorithm: str
     dims: tuple          # canonical (S, H, P, N) of the state
     mode: str            # "stp" | "mtp" | "varlen"
@@ -170,6 +196,19 @@ def seed_words(name, seed):
     return jnp.stack([low, high])
 
 
+# The public signature (names, order, defaults) of selective_state_update and its reference;
+# build_problem takes the same arguments in the same order. None marks a required argument.
+SIGNATURE = (
+    ("state", None), ("x", None), ("dt", None), ("A", None), ("B", None), ("C", None),
+    ("D", None), ("z", None), ("dt_bias", None), ("dt_softplus", False),
+    ("state_batch_indices", None), ("pad_slot_id", -1), ("state_scale", None), ("out", None),
+    ("disable_state_update", False), ("intermediate_states_buffer", None),
+    ("intermediate_state_indices", None), ("intermediate_state_scales", None),
+    ("rand_seed", None), ("philox_rounds", 10), ("cache_steps", 0), ("algorithm", "auto"),
+    ("dst_state_batch_indices", None), ("cu_seqlens", None), ("num_accepted_tokens", None),
+)
+
+
 def build_problem(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, state_batch_indices,
                   pad_slot_id, state_scale, out, disable_state_update,
                   intermediate_states_buffer, intermediate_state_indices,
@@ -185,7 +224,10 @@ def build_problem(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, state_batch
         raise ValueError(f"philox_rounds: expected a positive number of rounds, got {philox_rounds}")
     if cache_steps < 0:
         raise ValueError(f"cache_steps: expected >= 0, got {cache_steps}")
-    dt_softplus, disable_state_update = bool(dt_softplus), bool(disable_state_update)
+    dt_softplus = _static_bool("dt_softplus", dt_softplus)
+    disable_state_update = _static_bool("disable_state_update", disable_state_update)
+    for name, v in (("state", state), ("x", x), ("dt", dt), ("A", A), ("B", B), ("C", C)):
+        _required(name, v)
 
     (state, x, dt, A, B, C, D, z, dt_bias, sbi, state_scale, out, inter, inter_idx, inter_scales,
      dst, cu, nacc) = [_as_array(n, v) for n, v in zip(
@@ -207,6 +249,9 @@ def build_problem(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, state_batch
         S, H, P, N = state.shape
     else:
         (S, P, N), H = state.shape, 1
+    for axis, v in (("nheads (axis 1)", H), ("dim", P), ("dstate (last axis)", N)):
+        if v == 0:
+            raise ValueError(f"state: {axis} must be at least 1, got shape {tuple(state.shape)}")
     hp = (H, P) if heads else (P,)  # trailing axes of x in the user's layout
 
     # ---- mode, x ----
@@ -252,7 +297,9 @@ def build_problem(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, state_batch
     if C.shape != B.shape:
         raise ValueError(f"C: expected the shape of B {tuple(B.shape)}, got {tuple(C.shape)}")
     G = B.shape[-2] if heads else 1
-    if G < 1 or H % G:
+    if G == 0:
+        raise ValueError(f"B: ngroups (axis -2) must be at least 1, got shape {tuple(B.shape)}")
+    if H % G:
         raise ValueError(f"B: ngroups (axis -2) must divide nheads={H}, got ngroups={G}")
     for name, arr in (("z", z), ("out", out)):
         if arr is not None:
@@ -260,8 +307,6 @@ def build_problem(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, state_batch
             _check_shape(name, arr, x.shape)
 
     # ---- parameters ----
-    if A is None:
-        raise ValueError("A: expected an array, got None")
     if not jnp.issubdtype(A.dtype, jnp.floating):
         raise TypeError(f"A: expected a floating dtype, got {A.dtype}")
     if heads:
@@ -294,9 +339,17 @@ def build_problem(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, state_batch
             continue
         if arr.ndim not in (1, 2) or arr.shape[0] != nb:
             raise ValueError(f"{name}: expected shape ({nb},) or ({nb}, K), got {tuple(arr.shape)}")
+        if arr.ndim == 2 and arr.shape[1] == 0:
+            raise ValueError(f"{name}: a 2-D index array needs width K >= 1 (one column per step), "
+                             f"got shape {tuple(arr.shape)}")
         if mode == "mtp" and arr.ndim == 2 and arr.shape[1] < T:
             raise ValueError(f"{name}: expected a 2-D index array of width K >= T={T}, got shape "
                              f"{tuple(arr.shape)}")
+    lo, hi = _INT_RANGE[np.dtype(idx_dtype[1])] if idx_dtype else _INT_RANGE[np.dtype(np.int64)]
+    if not lo <= pad_slot_id <= hi:
+        what = f"the range of the index dtype {idx_dtype[1]}" if idx_dtype else "int64"
+        raise ValueError(f"pad_slot_id: expected a value within {what} [{lo}, {hi}], got "
+                         f"{pad_slot_id}")
     if sbi is None and nb > S:
         raise ValueError(f"state: without state_batch_indices the cache needs at least batch={nb} "
                          f"slots, got {S}")
@@ -321,7 +374,7 @@ def build_problem(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, state_batch
 
     # ---- intermediate buffer ----
     inter_shape = inter_scales_shape = None
-    max_len = cache_steps
+    max_len = cache_steps if cache_steps > 0 else None  # None: no limit
     if inter is not None:
         if dst is not None:
             raise ValueError("dst_state_batch_indices: cannot be combined with "
@@ -331,6 +384,9 @@ def build_problem(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, state_batch
             want = ("I", "cache_steps") + tuple(state.shape[1:])
             raise ValueError(f"intermediate_states_buffer: expected shape {want}, got {tuple(inter.shape)}")
         I, CS = inter.shape[:2]
+        if CS == 0:
+            raise ValueError("intermediate_states_buffer: expected a step axis (axis 1) of at least "
+                             f"1, got shape {tuple(inter.shape)}")
         if cache_steps not in (0, CS):
             raise ValueError(f"cache_steps: expected 0 or the buffer's step axis {CS}, got {cache_steps}")
         max_len = CS
@@ -386,7 +442,7 @@ def build_problem(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, state_batch
         sbi=sbi, dst=dst, state_scale=state_scale, out=out, inter=inter, inter_idx=inter_idx,
         inter_scales=inter_scales, cu_seqlens=cu, nacc=nacc, seed=seed, pad_slot_id=pad_slot_id,
         dt_softplus=dt_softplus, disable_state_update=disable_state_update,
-        philox_rounds=philox_rounds, max_len=max_len, algorithm=algorithm, dims=(S, H, P, N),
+        philox_rounds=philox_rounds, cache_steps=max_len, algorithm=algorithm, dims=(S, H, P, N),
         mode=mode, nb=nb, T=T,
         x_shape=x_shape, state_shape=tuple(state.shape), scale_shape=scale_shape,
         inter_shape=inter_shape, inter_scales_shape=inter_scales_shape)

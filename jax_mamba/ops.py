@@ -73,7 +73,8 @@ def _call(pb: Problem) -> SSUResult:
     outs = call(*operands, present=present, pad_slot_id=int(pb.pad_slot_id),
                 dt_softplus=bool(pb.dt_softplus),
                 disable_state_update=bool(pb.disable_state_update),
-                philox_rounds=int(pb.philox_rounds), max_len=int(pb.max_len),
+                philox_rounds=int(pb.philox_rounds),
+                cache_steps=-1 if pb.cache_steps is None else int(pb.cache_steps),
                 algorithm=_ALGORITHM_IDS[pb.algorithm])
     return pb.result(*outs)
 

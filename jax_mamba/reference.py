@@ -3,6 +3,8 @@ portable fallback (TPU, debugging). Same signature and result as jax_mamba.selec
 it runs on any backend and under jit, but materialises per-step temporaries (it is not fast)."""
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from jax import lax
@@ -86,48 +88,84 @@ def _encode(pb: Problem, s, elem0, t, kind):
 
 
 def _resolve(pb: Problem):
-    """Vectorised ssu::resolve_entry: per entry (row0, len, src, padded, ii, valid, nan_lo, nan_hi)."""
+    """Vectorised ssu::resolve_entry: per entry (row0, len, src, padded, ii, ok, ...) and, in
+    `faults`, one boolean array per kind of invalid runtime data (jax_mamba.checked reports
+    them)."""
     nb, S, pad = pb.nb, pb.S, pb.pad_slot_id
     rows = pb.x.shape[0] * (pb.T if pb.mode != "varlen" else 1)
     b = jnp.arange(nb)
+    faults = {}
     ok_bounds = jnp.ones((nb,), bool)
     if pb.mode == "varlen":
         cu = pb.cu_seqlens.astype(jnp.int64 if pb.cu_seqlens.dtype == jnp.int64 else jnp.int32)
         a, z = cu[:-1], cu[1:]
-        ok_bounds = (a >= 0) & (z >= a) & (z <= rows)
+        # rows each sequence owns; sequences whose owned rows meet are both invalid (SPEC §3.2)
+        lo = jnp.clip(a, 0, rows)
+        hi = jnp.where(z >= a, jnp.clip(z, 0, rows), lo)
+        full = lo < hi
+        meet = (full[:, None] & full[None, :] & (lo[:, None] < hi[None, :])
+                & (lo[None, :] < hi[:, None]) & ~jnp.eye(nb, dtype=bool))
+        faults["cu_seqlens: bounds negative, decreasing or beyond the token count"] = ~(
+            (a >= 0) & (z >= a) & (z <= rows))
+        faults["cu_seqlens: sequence shares rows with another sequence"] = jnp.any(meet, axis=1)
+        ok_bounds = ~functools.reduce(jnp.logical_or, faults.values())
         row0, length = a, jnp.where(ok_bounds, z - a, 0)
-        bad_lo, bad_hi = jnp.minimum(a, z), jnp.maximum(a, z)
+        bad_lo, bad_hi = lo, hi
     else:
         row0, length = b * pb.T, jnp.full((nb,), pb.T)
         bad_lo = bad_hi = row0
-    ok = jnp.ones((nb,), bool)
-    if pb.max_len:
-        ok &= length <= pb.max_len
-    for idx in (pb.sbi, pb.dst):
+    if pb.cache_steps is not None:
+        faults["sequence longer than cache_steps"] = length > pb.cache_steps
+    for name, idx in (("state_batch_indices", pb.sbi), ("dst_state_batch_indices", pb.dst)):
         if idx is not None and idx.ndim == 2:
-            ok &= length <= idx.shape[1]
+            faults[f"sequence longer than the width of {name}"] = length > idx.shape[1]
     padded = jnp.zeros((nb,), bool)
     src = b
     if pb.sbi is not None:
         K = pb.sbi.shape[1] if pb.sbi.ndim == 2 else 1
         col = jnp.zeros((nb,), jnp.int32)
         if pb.nacc is not None:
-            ok &= (pb.nacc >= 0) & (pb.nacc <= K)
+            faults["num_accepted_tokens outside [0, K]"] = ~((pb.nacc >= 0) & (pb.nacc <= K))
             col = jnp.maximum(pb.nacc - 1, 0).astype(jnp.int32)
         table = pb.sbi.reshape(nb, K)
         v = jnp.take_along_axis(table, jnp.clip(col, 0, K - 1)[:, None], axis=1)[:, 0]
         padded = v == pad
-        ok &= padded | ((v >= 0) & (v < S))
+        faults["state_batch_indices: slot outside [0, S) and not pad_slot_id"] = ~(
+            padded | ((v >= 0) & (v < S)))
         src = v
     ii = jnp.full((nb,), -1)
     if pb.inter is not None:
         I = pb.inter.shape[0]
         cand = pb.inter_idx if pb.inter_idx is not None else b
         skip = (cand == pad) if pb.inter_idx is not None else jnp.zeros((nb,), bool)
-        ok &= padded | skip | ((cand >= 0) & (cand < I))
+        faults["intermediate_state_indices: row outside [0, I) and not pad_slot_id"] = ~(
+            padded | skip | ((cand >= 0) & (cand < I)))
         ii = jnp.where(padded | skip, -1, cand)
-    return dict(row0=row0, len=length, src=src, padded=padded, ii=ii, ok=ok & ok_bounds,
-                ok_bounds=ok_bounds, bad_lo=bad_lo, bad_hi=bad_hi, rows=rows)
+    e = dict(row0=row0, len=length, src=src, padded=padded, ii=ii, ok_bounds=ok_bounds,
+             bad_lo=bad_lo, bad_hi=bad_hi, rows=rows)
+    if pb.dst is not None and not pb.disable_state_update:
+        faults["dst_state_batch_indices: slot outside [0, S) and not pad_slot_id"] = _dst_bad(pb, e)
+    # a zero-length sequence reads and writes nothing, so nothing about it is checked
+    # beyond its bounds (as in ssu::resolve_entry)
+    empty = length == 0
+    for k in faults:
+        if not k.startswith("cu_seqlens"):
+            faults[k] = faults[k] & ~empty
+    e["faults"] = faults
+    e["ok"] = ~functools.reduce(jnp.logical_or, faults.values(), jnp.zeros((nb,), bool))
+    return e
+
+
+def _dst_bad(pb: Problem, e):
+    """Entries that would write a dst slot outside [0, S) at a step they run."""
+    bad = jnp.zeros((pb.nb,), bool)
+    steps = pb.dst.shape[1] if pb.dst.ndim == 2 else 1
+    for t in range(steps):
+        tt = t if pb.dst.ndim == 2 else e["len"] - 1
+        raw, happens = _state_write(pb, e, tt)
+        used = happens & (tt < e["len"]) & (tt >= 0)
+        bad |= used & ~((raw >= 0) & (raw < pb.S))
+    return bad
 
 
 def _state_write(pb: Problem, e, t):
@@ -151,7 +189,7 @@ def _run(pb: Problem) -> SSUResult:
     e = _resolve(pb)
     rows = e["rows"]
     if pb.mode == "varlen":
-        steps = pb.max_len or min([rows] + [i.shape[1] for i in (pb.sbi, pb.dst)
+        steps = pb.cache_steps if pb.cache_steps is not None else min([rows] + [i.shape[1] for i in (pb.sbi, pb.dst)
                                              if i is not None and i.ndim == 2])
     else:
         steps = pb.T
@@ -160,14 +198,7 @@ def _run(pb: Problem) -> SSUResult:
     Bm, Cm = (a.reshape(rows, G, N) for a in (pb.B, pb.C))
     z = None if pb.z is None else pb.z.reshape(rows, H, P)
 
-    # dst validity (needs every used step) and the read
     ok = e["ok"]
-    if pb.dst is not None and not pb.disable_state_update:
-        for t in range(steps if pb.dst.ndim == 2 else 1):
-            tt = t if pb.dst.ndim == 2 else e["len"] - 1
-            raw, happens = _state_write(pb, e, tt)
-            used = happens & (tt < e["len"]) & (tt >= 0)
-            ok &= ~used | ((raw >= 0) & (raw < S))
     valid = ok & (e["len"] > 0)
     state = pb.state.reshape(S, H, P, N)
     scale = None if pb.state_scale is None else pb.state_scale.reshape(S, H, P)
@@ -238,7 +269,7 @@ def _run(pb: Problem) -> SSUResult:
                 iscale = iscale.at[irow, t].set(sc, mode="drop")
         return (s, state, scale, inter, iscale, out), None
 
-    if steps:
+    if steps and rows and nb:  # nothing to compute on empty batches (and nothing to gather)
         carry, _ = lax.scan(step, carry, jnp.arange(steps))
     _, state, scale, inter, iscale, out = carry
 

@@ -31,6 +31,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 import jax_mamba  # noqa: E402
 from cases import Cfg, check, make_case, to_device  # noqa: E402
+from degenerate_worker import _slice_batch, _zero_tokens  # noqa: E402
 
 GPU = jax.devices(os.environ.get("SSU_CASES_DEVICE", "gpu"))[0]  # "cpu": dry run
 CPU = jax.devices("cpu")[0]
@@ -151,6 +152,17 @@ def small_cases():
                 dict(_cu="beyond")))
     out.append(("cu_decreasing", dataclasses.replace(C, mode="varlen", inter="idx"),
                 dict(_cu="decreasing")))
+    # issue #7: overlapping / decreasing spans, zero-size batches and steps
+    out.append(("cu_overlap", dataclasses.replace(C, mode="varlen", sbi="2d", dst="2d"),
+                dict(_cu="overlap")))
+    out.append(("cu_decrease_last", dataclasses.replace(C, mode="varlen", inter="idx"),
+                dict(_cu="decrease_last")))
+    for mode in ("stp", "mtp", "varlen"):
+        out.append((f"empty_batch_{mode}", dataclasses.replace(C, mode=mode, inter="idx"),
+                    dict(_empty="batch")))
+    for mode in ("mtp", "varlen"):
+        out.append((f"zero_tokens_{mode}", dataclasses.replace(C, mode=mode, sbi="2d", dst="2d"),
+                    dict(_empty="tokens")))
     return out
 
 
@@ -257,7 +269,7 @@ def main():
     for name, cfg, extra in cases:
         cfg = fit(cfg)
         extra, special = apply_special(cfg, extra)
-        if "_corrupt" in special or "_cu" in special:
+        if "_corrupt" in special or "_cu" in special or "_empty" in special:
             r = run_corrupt(name, cfg, special)
         else:
             r = run_case(name, cfg, extra, compare_cpu=True,
@@ -345,10 +357,17 @@ def run_corrupt(name, cfg, special):
         a = np.asarray(kw[arg]).copy()
         a[pos] = value
         kw[arg] = jnp.asarray(a, kw[arg].dtype)
+    elif "_empty" in special:
+        kw = (_slice_batch(kw, cfg, 0) if special["_empty"] == "batch" else _zero_tokens(kw, cfg))
     else:
         cu = np.asarray(kw["cu_seqlens"]).copy()
         if special["_cu"] == "beyond":
             cu[-1] = kw["x"].shape[0] + 3
+        elif special["_cu"] == "overlap":  # the second span starts inside the first
+            cu[2] = max(cu[1] - 1, 0)
+            cu[1] = cu[2] + 2
+        elif special["_cu"] == "decrease_last":
+            cu[-1] = max(cu[-2] - 2, 0)
         else:
             cu[2] = cu[1] - 1 if cu[1] > 0 else 0
             cu[1] = cu[1] + 1
@@ -362,7 +381,11 @@ def run_corrupt(name, cfg, special):
         gn = np.isnan(np.asarray(res.out, np.float32))
         cn = np.isnan(np.asarray(rc.out, np.float32))
         assert (gn == cn).all(), "NaN pattern differs from the CPU handler"
-        assert np.isnan(want["out"]).any(), "corruption produced no NaN"
+        if "_empty" in special:
+            np.testing.assert_array_equal(np.asarray(res.state), np.asarray(kw["state"]))
+            assert not np.asarray(res.out, np.float32).any()
+        elif special.get("_cu") != "decrease_last":
+            assert np.isnan(want["out"]).any(), "corruption produced no NaN"
         return dict(name=name, ok=True, info=dict(nan_rows=int(gn.any(axis=tuple(range(1, gn.ndim))).sum())),
                     t=time.time() - t0)
     except Exception as e:  # noqa: BLE001

@@ -73,12 +73,18 @@ def oracle(state, x, dt, A, B, C, D, z=None, dt_bias=None, dt_softplus=False,
     inter_written = None if inter is None else np.zeros(inter.shape[:2], bool)
     y_all = np.zeros(x.shape[:-2] + (H, P)) if varlen else np.zeros((nb, T, H, P))
 
+    if varlen:
+        # SPEC §3.2: the rows a sequence owns (none when cu decreases), clipped to [0, TT);
+        # sequences that own a common row are both invalid
+        owned = [set(range(max(cu[b], 0), min(cu[b + 1], TT))) if cu[b + 1] >= cu[b] else set()
+                 for b in range(nb)]
+        meets = [any(owned[b] & owned[c] for c in range(nb) if c != b) for b in range(nb)]
     for b in range(nb):
         if varlen:
             a, e = cu[b], cu[b + 1]
-            if a < 0 or e < a or e > TT:
-                lo, hi = sorted((a, e))
-                y_all[max(lo, 0):min(max(hi, 0), TT)] = np.nan
+            if a < 0 or e < a or e > TT or meets[b]:
+                for r in owned[b]:
+                    y_all[r] = np.nan
                 continue
             tok = list(range(a, e))
         else:
@@ -86,7 +92,7 @@ def oracle(state, x, dt, A, B, C, D, z=None, dt_bias=None, dt_softplus=False,
         L = len(tok)
         if L == 0:
             continue
-        bad = (max_len and L > max_len)
+        bad = bool(max_len) and L > max_len
         for idx in (sbi, dst):
             if idx is not None and idx.ndim == 2 and L > idx.shape[1]:
                 bad = True
