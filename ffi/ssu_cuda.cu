@@ -157,29 +157,32 @@ bool make_plan(const Params& p, int64_t algorithm, const DeviceInfo& di, Plan* p
     l.bc_steps = int(bc_steps);
     l.rows_cta = int(std::min<int64_t>(k * tile, P));
   } else if (algorithm != 3 && !p.varlen && p.T == 1 && vec && nvec <= 32 &&
-             (nvec & (nvec - 1)) == 0) {
-    // Single-step kernel: a row is VPR = nvec vectors, one per lane of a VPR-lane group; a
-    // thread owns KV rows. KV: as many as keep >= 4 CTAs of work per SM (more rows per thread =
-    // more loads in flight and the per-CTA work amortised; fewer = more CTAs at small batch).
+             (nvec & (nvec - 1)) == 0 && p.nb * H >= 6 * int64_t(di.sms)) {
+    // Single-step kernel (persistent, ssu_cuda_step1.cuh): a row is VPR = nvec vectors, one
+    // per lane of a VPR-lane group; a thread holds KV rows of a batch; an item is an entry's
+    // chunk of HC heads, so the index resolution is paid once per HC * P rows. HC: as many
+    // heads as leave >= 2 items per resident CTA (3 per SM at KV = 2). With fewer than that
+    // many (entry, head) pairs (small batch, Mamba-1's single head) the register-row kernel,
+    // which also splits a head's rows over CTAs, is faster (measured, notes/kernel_versions.md).
     const int VPR = int(nvec);
-    const int64_t rows_total = p.nb * H * P;
-    int kv = 8;
-    auto ctas = [&](int k) {
-      const int64_t rc = int64_t(k) * (256 / VPR);
-      return p.nb * H * ceil_div(P, std::min<int64_t>(rc, P));
-    };
-    while (kv > 1 && (ctas(kv) < 4 * int64_t(di.sms) || int64_t(kv / 2) * 256 / VPR >= P)) kv /= 2;
+    int kv = 2;
+    while (kv > 1 && int64_t(kv / 2) * (256 / VPR) >= P) kv /= 2;  // small heads: fewer rows
     if (rows_override() > 0) kv = std::min(8, pow2_ceil(rows_override()));
-    const int64_t rows_cta = std::min<int64_t>(int64_t(kv) * (256 / VPR), rows_total);
-    const int threads = int(std::min<int64_t>(256, ceil_div(ceil_div(std::min<int64_t>(rows_cta, P),
-                                                                     kv) * VPR, 32) * 32));
+    const int64_t rows_batch = std::min<int64_t>(int64_t(kv) * (256 / VPR), P);
+    const int threads = int(std::min<int64_t>(256, ceil_div(ceil_div(rows_batch, kv) * VPR, 32) * 32));
+    const int64_t want_items = 2 * 3 * int64_t(di.sms);
+    int hc = 1;
+    while (hc * 2 <= H && H % (hc * 2) == 0 && p.nb * (H / (hc * 2)) >= want_items) hc *= 2;
     pl->kernel = Kernel::kStep1;
     pl->nv = kv;
     pl->threads = threads;
     pl->smem = 0;
+    pl->persistent = true;
     l.lshift = log2i(VPR);
     l.R = kv;
     l.rows_cta = kv * (threads / VPR);
+    l.heads_item = hc;
+    l.batches_head = int(ceil_div(P, l.rows_cta));
   } else if (algorithm == 3 && !vec) {
     *why = "algorithm='horizontal' needs dstate to be a multiple of " + std::to_string(E) +
            " and at most 1024 for this state dtype, got dstate=" + std::to_string(N);
@@ -229,8 +232,14 @@ bool make_plan(const Params& p, int64_t algorithm, const DeviceInfo& di, Plan* p
     l.R = 1;
     l.rows_cta = warps;
   }
-  l.chunks = ceil_div(P, l.rows_cta);
-  l.main_blocks = p.nb * H * l.chunks;
+  pl->sms = di.sms;
+  if (pl->kernel == Kernel::kStep1) {  // items: (entry, chunk of heads_item heads)
+    l.chunks = ceil_div(H, l.heads_item);
+    l.main_blocks = p.nb * l.chunks;
+  } else {
+    l.chunks = ceil_div(P, l.rows_cta);
+    l.main_blocks = p.nb * H * l.chunks;
+  }
   l.zero_blocks = 0;
   if (p.varlen) {
     const int64_t elems = p.rows * H * P;

@@ -22,6 +22,7 @@
 // both invalid, resolve_entry), so CTAs never write the same row with different values; rows
 // no sequence owns are zeroed by extra "zero" CTAs.
 #pragma once
+#include <atomic>
 #include <cstdint>
 #include <cuda_fp16.h>
 #include <cuda_bf16.h>
@@ -627,6 +628,26 @@ namespace cuda {
 // host-side launch for one state dtype (instantiated in ssu_cuda_<dtype>.cu)
 // ---------------------------------------------------------------------------------------------
 
+// Persistent launch: as many CTAs as are resident at once (occupancy queried once per block
+// size and instantiation; a host-only query, so command-buffer capture is unaffected).
+template <DType ST, DType IT, int KV>
+cudaError_t launch_step1(const Params& p, const Plan& pl, cudaStream_t stream) {
+  static std::atomic<int> per_sm[9] = {};
+  const int slot = pl.threads / 32;
+  int bps = per_sm[slot].load(std::memory_order_relaxed);
+  if (bps == 0) {
+    cudaError_t err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&bps, ssu_step1<ST, IT, KV>,
+                                                                    pl.threads, 0);
+    if (err != cudaSuccess) return err;
+    bps = bps > 0 ? bps : 1;
+    per_sm[slot].store(bps, std::memory_order_relaxed);
+  }
+  const int64_t resident = int64_t(bps) * pl.sms;
+  const int64_t blocks = pl.l.main_blocks < resident ? pl.l.main_blocks : resident;
+  ssu_step1<ST, IT, KV><<<dim3(unsigned(blocks)), dim3(unsigned(pl.threads)), 0, stream>>>(p, pl.l);
+  return cudaSuccess;
+}
+
 template <DType ST, DType IT>
 cudaError_t launch_input(const Params& p, const Plan& pl, cudaStream_t stream) {
   const int64_t blocks = pl.l.main_blocks + pl.l.zero_blocks;
@@ -634,10 +655,10 @@ cudaError_t launch_input(const Params& p, const Plan& pl, cudaStream_t stream) {
   if (pl.kernel == Kernel::kVert) return launch_vert<ST, IT>(p, pl, grid, block, stream);
   if (pl.kernel == Kernel::kStep1) {
     switch (pl.nv) {
-      case 1: ssu_step1<ST, IT, 1><<<grid, block, 0, stream>>>(p, pl.l); return cudaSuccess;
-      case 2: ssu_step1<ST, IT, 2><<<grid, block, 0, stream>>>(p, pl.l); return cudaSuccess;
-      case 4: ssu_step1<ST, IT, 4><<<grid, block, 0, stream>>>(p, pl.l); return cudaSuccess;
-      case 8: ssu_step1<ST, IT, 8><<<grid, block, 0, stream>>>(p, pl.l); return cudaSuccess;
+      case 1: return launch_step1<ST, IT, 1>(p, pl, stream);
+      case 2: return launch_step1<ST, IT, 2>(p, pl, stream);
+      case 4: return launch_step1<ST, IT, 4>(p, pl, stream);
+      case 8: return launch_step1<ST, IT, 8>(p, pl, stream);
       default: return cudaErrorInvalidConfiguration;
     }
   }

@@ -23,6 +23,8 @@ struct Launch {
   int64_t zero_blocks;   // varlen zero-fill CTAs
   int tile_rows;         // vertical kernel: rows per shared-memory stage (= groups * R)
   int bc_steps;          // vertical kernel: most steps whose B/C are staged in shared memory
+  int heads_item;        // single-step kernel: heads per work item (item = entry x head chunk)
+  int batches_head;      // single-step kernel: batches of rows_cta rows per head
 };
 
 // Most rows one lane group of the register kernel carries at once, for V fp32 state values
@@ -45,6 +47,8 @@ struct Plan {
                          // per thread (single-step kernel)
   int threads = 0;
   size_t smem = 0;       // dynamic shared memory (generic / vertical kernels)
+  bool persistent = false;  // grid = resident CTAs, each looping over l.main_blocks items
+  int sms = 0;           // multiprocessors of the device (persistent grids)
   Launch l{};
 };
 

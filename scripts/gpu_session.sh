@@ -36,7 +36,7 @@ python -c "import jax, jax_mamba; print('jax', jax.__version__, 'HAS_CUDA', jax_
   2>&1 | tee -a "$OUT/summary.txt"
 
 if has tests; then
-  stage pytest_gpu "${TEST_TIMEOUT:-300}" python -m pytest -q -x -rf -p no:cacheprovider -k "gpu" tests
+  stage pytest_gpu "${TEST_TIMEOUT:-300}" python -m pytest -q -x -rf -p no:cacheprovider -k "gpu" ${TEST_FILES:-tests}
   grep -E "^FAILED|^E  " "$LOG" | head -20
   JAX_MAMBA_CUDA_ROWS=1 stage pytest_rows1 120 python -m pytest -q -x -p no:cacheprovider -k "gpu" \
     tests/test_algorithms.py tests/test_ops.py
