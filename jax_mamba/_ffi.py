@@ -1,7 +1,16 @@
 """Registers the compiled handlers under one target name for the CPU and, when built, CUDA."""
 import jax
 
-from . import _cpu
+try:
+    from . import _cpu
+except ImportError as _e:  # the source tree without its compiled modules (e.g. a checkout)
+    import os as _os
+    raise ImportError(
+        f"jax_mamba: the compiled CPU module (_cpu) is missing next to {_os.path.dirname(__file__)}. "
+        "This is probably the source tree shadowing the installed package: run from outside "
+        "the repository, or install in development mode with `pip install -e .` (needs "
+        "scikit-build-core and nanobind for --no-build-isolation), or build in-tree as "
+        "scripts/gpu_session.sh does.") from _e
 
 TARGET = "jax_mamba_ssu"
 

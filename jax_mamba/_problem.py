@@ -37,6 +37,10 @@ class SSUResult(NamedTuple):
     intermediate_state_scales: Optional[jax.Array]
 
 
+# So that an exported step returning SSUResult can be serialized (jax.export).
+jax.export.register_namedtuple_serialization(SSUResult, serialized_name="jax_mamba.SSUResult")
+
+
 def _names(dtypes):
     return "/".join(np.dtype(d).name for d in dtypes)
 

@@ -22,6 +22,11 @@ _PLACEHOLDER_DTYPE = {"sbi": jnp.int32, "dst": jnp.int32, "inter_idx": jnp.int32
                       "state_scale": jnp.float32, "inter_scales": jnp.float32}
 
 
+_NOT_DIFFERENTIABLE = (
+    "jax_mamba.selective_state_update has no derivative (it is an in-place inference kernel); "
+    "differentiate jax_mamba.reference.selective_state_update instead (same signature, pure jnp)")
+
+
 def _target_platform(*arrays) -> str:
     """Platform the call will run on: that of concrete (committed) inputs, else JAX's default
     backend, which is where jit places a computation on uncommitted arguments."""
@@ -68,15 +73,26 @@ def _call(pb: Problem) -> SSUResult:
         results.append(jax.ShapeDtypeStruct(arr.shape, arr.dtype))
         if arr.size or src == "state":
             aliases[_OPERANDS.index(src)] = i
-    call = jax.ffi.ffi_call(_ffi.TARGET, results, input_output_aliases=aliases,
-                            vmap_method="sequential")
-    outs = call(*operands, present=present, pad_slot_id=int(pb.pad_slot_id),
-                dt_softplus=bool(pb.dt_softplus),
-                disable_state_update=bool(pb.disable_state_update),
-                philox_rounds=int(pb.philox_rounds),
-                cache_steps=-1 if pb.cache_steps is None else int(pb.cache_steps),
-                algorithm=_ALGORITHM_IDS[pb.algorithm])
-    return pb.result(*outs)
+    ffi = jax.ffi.ffi_call(_ffi.TARGET, results, input_output_aliases=aliases,
+                           vmap_method="sequential")
+    attrs = dict(present=present, pad_slot_id=int(pb.pad_slot_id),
+                 dt_softplus=bool(pb.dt_softplus),
+                 disable_state_update=bool(pb.disable_state_update),
+                 philox_rounds=int(pb.philox_rounds),
+                 cache_steps=-1 if pb.cache_steps is None else int(pb.cache_steps),
+                 algorithm=_ALGORITHM_IDS[pb.algorithm])
+
+    # SPEC §4: differentiating raises an error that points to the differentiable reference.
+    # custom_jvp is inlined when lowered: the compiled HLO is the bare custom call.
+    @jax.custom_jvp
+    def call(*ops):
+        return tuple(ffi(*ops, **attrs))
+
+    @call.defjvp
+    def _no_derivative(primals, tangents):
+        raise TypeError(_NOT_DIFFERENTIABLE)
+
+    return pb.result(*call(*operands))
 
 
 def selective_state_update(
