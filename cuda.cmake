@@ -9,7 +9,8 @@ add_library(jax_mamba_cuda_kernels STATIC
   ffi/ssu_cuda_f32.cu
   ffi/ssu_cuda_bf16.cu
   ffi/ssu_cuda_f16.cu
-  ffi/ssu_cuda_i16.cu)
+  ffi/ssu_cuda_i16.cu
+  ffi/copy_cuda.cu)
 target_include_directories(jax_mamba_cuda_kernels SYSTEM PRIVATE ${XLA_FFI_INCLUDE_DIR})
 target_include_directories(jax_mamba_cuda_kernels PRIVATE ffi)
 set_target_properties(jax_mamba_cuda_kernels PROPERTIES

@@ -12,6 +12,7 @@
 
 #include "nanobind/nanobind.h"
 #include "ssu_ffi.h"
+#include "copy_ffi.h"
 
 namespace ssu {
 namespace {
@@ -321,11 +322,13 @@ NB_MODULE(_cpu, m) {
   m.def("registrations", []() {
     nanobind::dict d;
     d["jax_mamba_ssu"] = nanobind::capsule(reinterpret_cast<void*>(ssu::kSsuCpu));
+    d["jax_mamba_copy"] = nanobind::capsule(jax_mamba_copy::cpu_handler());
     return d;
   });
   m.def("missing_cuda_registrations", []() {
     nanobind::dict d;
     d["jax_mamba_ssu"] = nanobind::capsule(reinterpret_cast<void*>(ssu::kMissingCuda));
+    d["jax_mamba_copy"] = nanobind::capsule(reinterpret_cast<void*>(ssu::kMissingCuda));
     return d;
   });
 }

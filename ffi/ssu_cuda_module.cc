@@ -1,6 +1,7 @@
 // nanobind module `_cuda`: exposes the CUDA handler (ssu_cuda.cu) as a capsule per target name.
 // Kept out of the .cu files so nvcc never sees nanobind.
 #include "nanobind/nanobind.h"
+#include "copy_ffi.h"
 
 namespace ssu {
 namespace cuda {
@@ -12,6 +13,7 @@ NB_MODULE(_cuda, m) {
   m.def("registrations", []() {
     nanobind::dict d;
     d["jax_mamba_ssu"] = nanobind::capsule(ssu::cuda::handler());
+    d["jax_mamba_copy"] = nanobind::capsule(jax_mamba_copy::cuda_handler());
     return d;
   });
 }

@@ -1,18 +1,30 @@
-"""Benchmark: effective bandwidth of selective_state_update vs a device-to-device copy.
+"""Benchmark: effective bandwidth of selective_state_update vs a device-to-device copy (SPEC §5).
 
-    python -m jax_mamba.benchmark --batch 1 8 64 256 --state-dtype bfloat16
-    python -m jax_mamba.benchmark --mtp 4 --inter --batch 64       # speculative decoding
-    python -m jax_mamba.benchmark --mamba1 --dim 8192 --dstate 16  # Mamba-1 (3-D state)
+    python -m jax_mamba.benchmark                              # bf16, batches 1 8 64 256 (GPU)
+    python -m jax_mamba.benchmark --case all --json r.json     # every named case (list: --list)
+    python -m jax_mamba.benchmark --case b64-bf16 --profile    # + kernel time by ncu
+    python -m jax_mamba.benchmark --mtp 4 --inter --batch 64   # free-form shapes
 
-Each timing runs K and 2K consecutive calls inside one jitted function, each call on a disjoint
-random set of slots of a cache far larger than the L2 cache (cold state); the per-call time is
-(median t(2K) - median t(K)) / K, which cancels the fixed cost of dispatching the executable. Bytes follow FlashInfer's count: state read + write of the touched
-slots (+ intermediate writes), x, dt, B, C, z, out and the per-head parameters.
+Ceiling: the jax_mamba_copy target (cudaMemcpyAsync device to device) over >= 1 GiB, measured in
+the same run, read + write bytes. Each timing runs K and 2K consecutive donated calls inside one
+jitted function; per-call time = (median t(2K) - median t(K)) / K, which cancels the fixed cost of
+dispatching the executable. Every call of a chain has its own random slots of a cache far larger
+than L2 (new slots every repetition) and its own x/dt/B/C buffers, and an L2 flush (a copy of
+--flush-mb) precedes every timed run, so no call finds its inputs or state in cache. Bytes follow
+FlashInfer's count (_bench_cases.bytes_per_call).
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import datetime
+import importlib.metadata
+import importlib.util
+import json
+import math
+import os
 import statistics
+import subprocess
 import time
 
 import jax
@@ -20,140 +32,368 @@ import jax.numpy as jnp
 import numpy as np
 
 import jax_mamba
+from . import _bench_cases as bc
+from . import _bench_ncu
+from ._copy import device_copy
 
-DT = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16, "int16": jnp.int16}
-
-
-def _median_time(fn, args, reps):
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
-def copy_bandwidth(device, nbytes=1 << 30, reps=10):
-    """Bytes read + written per second by an elementwise pass over a large buffer."""
-    a = jax.device_put(jnp.ones((nbytes // 4,), jnp.float32), device)
-    t = _median_time(jax.jit(lambda a: a + 1.0), (a,), reps)
-    return 2 * nbytes / t
+IMPLS = {"ffi": lambda: jax_mamba.selective_state_update,
+         "reference": lambda: jax_mamba.reference.selective_state_update}
+# platform defaults: the GPU ones are SPEC §5's; the CPU ones keep a default run under a minute
+GPU_DEFAULTS = dict(batch=[1, 8, 64, 256], cache_mb=1024, copy_mb=1024, flush_mb=256, calls=10,
+                    reps=20)
+CPU_DEFAULTS = dict(batch=[1, 8, 64], cache_mb=64, copy_mb=64, flush_mb=16, calls=4, reps=3)
+SHAPE_FLAGS = ("batch", "heads", "dim", "dstate", "ngroups", "state_dtype", "input_dtype", "mtp",
+               "inter", "sr", "z", "mamba1")
 
 
-def case(args, batch, device, rng):
-    H, P, N, G = (1, args.dim, args.dstate, 1) if args.mamba1 else (
-        args.heads, args.dim, args.dstate, args.ngroups)
-    T, K = args.mtp, args.calls
-    st = DT[args.state_dtype]
-    elem = jnp.dtype(st).itemsize
-    slot_bytes = H * P * N * elem
-    S = max(2 * K * batch, int(np.ceil(args.cache_mb * 2**20 / slot_bytes)))
-    hp = (P,) if args.mamba1 else (H, P)
-    shape = (S,) + hp + (N,)
-    # the cache is drawn on the device: a host-side draw of ~1 GiB dominated the run time
-    key = jax.random.key(int(rng.integers(2**31)))
+def _chain_seconds(fns, run_once, reps, fallback=False):
+    """(per-call seconds, {K: median s, 2K: median s}) of the K/2K pair `fns`; run_once(k, fn)
+    -> seconds. NaN when noise made t(2K) <= t(K), or with `fallback` t(2K) / 2K (dispatch
+    included)."""
+    times = {k: [] for k in fns}
+    for i in range(reps + 1):
+        for k, fn in fns.items():
+            t = run_once(k, fn)
+            if i:  # the first run compiles
+                times[k].append(t)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    k1, k2 = sorted(fns)
+    if med[k2] > med[k1]:
+        return (med[k2] - med[k1]) / (k2 - k1), med
+    return (med[k2] / k2 if fallback else math.nan), med
+
+
+def copy_bandwidth(device, nbytes, calls, reps):
+    """(bytes read + written per second, seconds per copy) of jax_mamba_copy over `nbytes`."""
     with jax.default_device(device):
-        if st == jnp.int16:
-            state = jax.random.randint(key, shape, -30000, 30000, jnp.int16)
-            scale = jax.random.uniform(key, (S,) + hp, jnp.float32) * 1e-4
-        else:
-            state, scale = jax.random.normal(key, shape, st), None
-    lead = (batch, T) if T else (batch,)
-    inp = DT[args.input_dtype]
-    x = jnp.asarray(rng.standard_normal(lead + hp, np.float32), inp)
-    dt = jnp.asarray(rng.random(lead + ((P,) if args.mamba1 else (H,))), jnp.float32)
-    A = jnp.asarray(-(rng.random((P, N) if args.mamba1 else (H,)) + 0.5), jnp.float32)
-    bc = lead + ((N,) if args.mamba1 else (G, N))
-    B = jnp.asarray(rng.standard_normal(bc, np.float32), inp)
-    C = jnp.asarray(rng.standard_normal(bc, np.float32), inp)
-    D = jnp.ones((P,) if args.mamba1 else (H,), jnp.float32)
-    z = jnp.asarray(rng.standard_normal(lead + hp, np.float32), inp) if args.z else None
-    slots = jnp.asarray(rng.permutation(S)[:2 * K * batch].reshape(2 * K, batch), jnp.int32)
-    inter = iscale = None
-    if args.inter:
-        inter = jnp.zeros((batch, T) + hp + (N,), st)
-        iscale = jnp.zeros((batch, T) + hp, jnp.float32) if st == jnp.int16 else None
-    put = lambda a: None if a is None else jax.device_put(a, device)
-    arrays = [put(a) for a in (state, scale, inter, iscale, x, dt, A, B, C, D, z, slots)]
-    nbytes = batch * slot_bytes * (2 + (T if args.inter else 0)) + x.nbytes * (2 + bool(z is not None)) \
-        + dt.nbytes + B.nbytes + C.nbytes + (A.nbytes + D.nbytes if not args.mamba1 else 0) \
-        + (batch * H * P * 4 * (2 + (T if args.inter else 0)) if st == jnp.int16 else 0)
-    return arrays, nbytes
+        a = jnp.ones((nbytes // 4,), jnp.float32)
+
+    def chain(k):
+        def f(y):
+            for _ in range(k):
+                y = device_copy(y)
+            return y
+        return jax.jit(f)
+
+    def run_once(k, fn):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(a))
+        return time.perf_counter() - t0
+
+    k = max(1, min(calls, 8))
+    t, _ = _chain_seconds({k: chain(k), 2 * k: chain(2 * k)}, run_once, max(reps, 5),
+                          fallback=True)
+    return 2 * a.nbytes / t, t
 
 
-def make_fn(ssu, args, calls):
-    seeded = args.sr
+def make_flush(device, mb):
+    """Evicts L2 before a timed run: a copy of `mb` MiB leaves only its own lines in cache."""
+    if mb <= 0:
+        return lambda: None
+    with jax.default_device(device):
+        buf = jnp.zeros((int(mb * 2**20) // 4,), jnp.float32)
+    f = jax.jit(device_copy)
+    return lambda: jax.block_until_ready(f(buf))
 
-    def run(state, scale, inter, iscale, x, dt, A, B, C, D, z, slots):
+
+class Arrays:
+    """Device arrays of one config: the donated carry, shared per-layer params, `calls` distinct
+    per-call input sets, and fresh random slots on demand."""
+
+    def __init__(self, c: bc.Config, calls, cache_mb, device, seed=0):
+        self.c, self.device = c, device
+        self.rng = np.random.default_rng(seed)
+        self.S = bc.cache_slots(c, cache_mb, calls)
+        hp = (c.dim,) if c.mamba1 else (c.heads, c.dim)
+        st, inp = jnp.dtype(c.state_dtype), jnp.dtype(c.input_dtype)
+        lead = (c.batch, c.mtp) if c.mtp else (c.batch,)
+        key = jax.random.key(seed)
+        # the cache (up to GiBs) is drawn on the device, where that is quick; the small
+        # operands further down come from the host (no per-shape compile of random ops)
+        with jax.default_device(device):
+            if st == jnp.int16:
+                state = jax.random.randint(key, (self.S,) + hp + (c.dstate,), -30000, 30000,
+                                           jnp.int16)
+                scale = jax.random.uniform(key, (self.S,) + hp, jnp.float32) * 1e-4
+            else:
+                state, scale = jax.random.normal(key, (self.S,) + hp + (c.dstate,), st), None
+            inter = iscale = None
+            if c.inter:
+                inter = jnp.zeros((c.batch, c.mtp) + hp + (c.dstate,), st)
+                iscale = jnp.zeros((c.batch, c.mtp) + hp, jnp.float32) if st == jnp.int16 else None
+        self.carry = (state, scale, inter, iscale)
+        r, put = self.rng, lambda a, dt=jnp.float32: jax.device_put(np.asarray(a, dt), device)
+        per = (c.dim,) if c.mamba1 else (c.heads,)
+        self.params = (put(-(r.random((c.dim, c.dstate) if c.mamba1 else per) + 0.5)),
+                       put(np.ones(per)), put(r.random(per) - 0.5))
+        bcs = lead + ((c.dstate,) if c.mamba1 else (c.ngroups, c.dstate))
+        self.inputs = tuple(
+            (put(r.standard_normal(lead + hp, np.float32), inp), put(r.random(lead + per)),
+             put(r.standard_normal(bcs, np.float32), inp),
+             put(r.standard_normal(bcs, np.float32), inp),
+             put(r.standard_normal(lead + hp, np.float32), inp) if c.z else None)
+            for _ in range(calls))
+        jax.block_until_ready((self.carry, self.params, self.inputs))
+
+    def slots(self, calls):
+        """`calls` disjoint random slot sets (one (batch,) int32 array per call)."""
+        idx = self.rng.choice(self.S, calls * self.c.batch, replace=False).astype(np.int32)
+        return tuple(jax.block_until_ready(jax.device_put(list(idx.reshape(calls, -1)),
+                                                          self.device)))
+
+
+def make_fn(ssu, c: bc.Config, calls, algorithm):
+    """jit of `calls` chained calls, each with its own inputs and slots (the first `calls` of
+    those passed); the carry is donated."""
+
+    def run(carry, params, inputs, slots):
+        state, scale, inter, iscale = carry
+        A, D, dt_bias = params
         outs = []
         for k in range(calls):
-            r = ssu(state, x, dt, A, B, C, D, z=z, dt_softplus=True, state_batch_indices=slots[k],
-                    state_scale=scale, intermediate_states_buffer=inter,
-                    intermediate_state_scales=iscale, rand_seed=k + 1 if seeded else None,
-                    algorithm=args.algorithm if ssu is jax_mamba.selective_state_update else "auto")
-            state, scale, inter, iscale = r.state, r.state_scale, r.intermediate_states_buffer, \
-                r.intermediate_state_scales
+            x, dt, B, C, z = inputs[k]
+            r = ssu(state, x, dt, A, B, C, D, z=z, dt_bias=dt_bias, dt_softplus=True,
+                    state_batch_indices=slots[k], state_scale=scale,
+                    intermediate_states_buffer=inter, intermediate_state_scales=iscale,
+                    rand_seed=k + 1 if c.sr else None, algorithm=algorithm)
+            state, scale, inter, iscale = (r.state, r.state_scale, r.intermediate_states_buffer,
+                                           r.intermediate_state_scales)
             outs.append(r.out)
-        return state, scale, inter, iscale, outs
+        return (state, scale, inter, iscale), outs
 
-    return jax.jit(run, donate_argnums=(0, 1, 2, 3))
+    return jax.jit(run, donate_argnums=0)
+
+
+def time_config(impl, c: bc.Config, o, device, flush):
+    """(seconds per call, chain medians) of `impl` on config `c` (K vs 2K chains, see the
+    module docstring)."""
+    K = o.calls
+    arr = Arrays(c, 2 * K, c.cache_mb or o.cache_mb, device)
+    algorithm = o.algorithm if impl == "ffi" else "auto"
+    fns = {k: make_fn(IMPLS[impl](), c, k, algorithm) for k in (K, 2 * K)}
+    carry = [arr.carry]
+
+    def run_once(k, fn):
+        # both chains get all 2K input and slot sets (the K chain uses the first K): the host
+        # cost of passing arguments, paid before the launch, is then the same and cancels
+        slots = arr.slots(2 * K)
+        flush()
+        t0 = time.perf_counter()
+        res = fn(carry[0], arr.params, arr.inputs, slots)
+        jax.block_until_ready(res)
+        t = time.perf_counter() - t0
+        carry[0] = res[0]  # the donated state lives on in the result
+        return t
+
+    t = _chain_seconds(fns, run_once, o.reps)
+    del carry[0], arr  # free the cache before the next config
+    return t
+
+
+def profile_child(spec):
+    """Run under ncu by _bench_ncu: `runs` chains of `calls` ffi calls, nothing timed here."""
+    c = bc.Config(**spec["config"])
+    device = jax.devices(spec["platform"])[0] if spec["platform"] else jax.devices()[0]
+    d = GPU_DEFAULTS if device.platform != "cpu" else CPU_DEFAULTS
+    arr = Arrays(c, spec["calls"], c.cache_mb or spec["cache_mb"] or d["cache_mb"], device)
+    fn = make_fn(jax_mamba.selective_state_update, c, spec["calls"], spec["algorithm"])
+    carry = arr.carry
+    for _ in range(spec["runs"]):
+        carry, outs = fn(carry, arr.params, arr.inputs, arr.slots(spec["calls"]))
+        jax.block_until_ready((carry, outs))
+    print(f"profile child: {spec['runs']} x {spec['calls']} calls on {device.device_kind}")
+
+
+def git_commit():
+    try:
+        return subprocess.run(["git", "-C", os.path.dirname(os.path.abspath(__file__)),
+                               "rev-parse", "HEAD"], capture_output=True, text=True,
+                              timeout=10).stdout.strip() or None
+    except Exception:  # noqa: BLE001 - no git, not a checkout: the header just says null
+        return None
+
+
+def plot(rows, path, header):
+    """GB/s vs batch, one curve per (case family, impl), the copy ceiling as a line."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(8, 5))
+    curves = {}
+    for r in rows:
+        if r["gbs"] is not None:
+            curves.setdefault((r["family"], r["impl"]), []).append((r["batch"], r["gbs"]))
+    for (family, impl), pts in sorted(curves.items()):
+        pts.sort()
+        ax.plot(*zip(*pts), marker="o", label=f"{family} {impl}")
+    ax.axhline(header["copy_gbs"], color="k", ls="--", label="device copy")
+    ax.set_xscale("log", base=2)
+    ax.set_ylim(bottom=0)
+    ax.set(xlabel="batch", ylabel="GB/s (read + write)",
+           title=f"selective_state_update, {header['device_kind']}")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def parse_args(argv):
+    ap = argparse.ArgumentParser(prog="jax-mamba-bench", description=__doc__.split("\n")[0])
+    ap.add_argument("--case", action="append", choices=["all", *bc.CASES], metavar="NAME",
+                    help="named case (repeatable; 'all' = every case but b256-bf16-cache32g); "
+                         "see --list")
+    ap.add_argument("--list", action="store_true", help="print the named cases and exit")
+    g = ap.add_argument_group("free-form shape (without --case)")
+    g.add_argument("--batch", type=int, nargs="+", help="default 1 8 64 256 (GPU), 1 8 64 (CPU)")
+    g.add_argument("--heads", type=int)
+    g.add_argument("--dim", type=int)
+    g.add_argument("--dstate", type=int)
+    g.add_argument("--ngroups", type=int)
+    g.add_argument("--state-dtype", choices=list(bc.SHORT))
+    g.add_argument("--input-dtype", choices=["float32", "bfloat16", "float16"])
+    g.add_argument("--mtp", type=int, help="T > 0: multi-token with T steps")
+    g.add_argument("--inter", action="store_true", help="intermediate-state buffer (needs --mtp)")
+    g.add_argument("--sr", action="store_true", help="stochastic rounding (fp16/bf16 state)")
+    g.add_argument("--z", action="store_true")
+    g.add_argument("--mamba1", action="store_true", help="3-D state (S, dim, dstate), no heads")
+    ap.add_argument("--calls", type=int, help="K: consecutive calls per jitted function")
+    ap.add_argument("--reps", type=int, help="timed runs of each chain (median)")
+    ap.add_argument("--cache-mb", type=float, help="state cache (default 1024 GPU, 64 CPU)")
+    ap.add_argument("--copy-mb", type=float, help="copy ceiling size (default 1024 GPU, 64 CPU)")
+    ap.add_argument("--flush-mb", type=float, help="L2 flush before each run (0: none)")
+    ap.add_argument("--algorithm", default="auto", choices=["auto", "simple", "vertical",
+                                                            "horizontal"])
+    ap.add_argument("--impl", nargs="+", default=["ffi", "reference"], choices=list(IMPLS))
+    ap.add_argument("--platform", choices=["cpu", "gpu", "cuda"], help="default: JAX's default")
+    ap.add_argument("--json", metavar="PATH", help="write header and rows as JSON")
+    ap.add_argument("--plot", metavar="PATH", help="GB/s vs batch plot (needs matplotlib)")
+    ap.add_argument("--profile", action="store_true",
+                    help="also the kernel time per call measured by ncu (CUDA only)")
+    ap.add_argument("--profile-child", help=argparse.SUPPRESS)
+    o = ap.parse_args(argv)
+
+    given = [f for f in SHAPE_FLAGS if getattr(o, f) not in (None, False)]
+    if o.case and given:
+        ap.error(f"--case fixes the shape; drop {', '.join('--' + f.replace('_', '-') for f in given)}"
+                 " or --case")
+    for f in ("calls", "reps"):
+        if getattr(o, f) is not None and getattr(o, f) < 1:
+            ap.error(f"--{f} must be >= 1, got {getattr(o, f)}")
+    for f in ("cache_mb", "copy_mb"):
+        if getattr(o, f) is not None and getattr(o, f) <= 0:
+            ap.error(f"--{f.replace('_', '-')} must be > 0, got {getattr(o, f)}")
+    if o.flush_mb is not None and o.flush_mb < 0:
+        ap.error(f"--flush-mb must be >= 0, got {o.flush_mb}")
+    if o.mamba1 and (o.heads or o.ngroups):
+        ap.error("--mamba1 has no heads or groups: drop --heads/--ngroups")
+    if o.plot and importlib.util.find_spec("matplotlib") is None:
+        ap.error("--plot needs matplotlib: pip install 'jax_mamba[plot]' (or pip install matplotlib)")
+    o.impl = list(dict.fromkeys(o.impl))
+    if o.case:
+        o.configs = bc.resolve(o.case)
+    else:
+        base = {f: getattr(o, f) for f in SHAPE_FLAGS if f != "batch" and getattr(o, f) is not None}
+        if o.mamba1:
+            base.update(heads=1, ngroups=1, dim=base.get("dim", 8192), dstate=base.get("dstate", 16))
+        o.configs = [bc.Config(batch=b, **base) for b in (o.batch or [None])]
+        err = next((e for c in o.configs for e in [bc.validate(dataclasses.replace(
+            c, batch=c.batch or 1))] if e), None)
+        if err:
+            ap.error(err)
+    return o
+
+
+def _fill_defaults(o, device):
+    d = GPU_DEFAULTS if device.platform != "cpu" else CPU_DEFAULTS
+    for k, v in d.items():
+        if k != "batch" and getattr(o, k) is None:
+            setattr(o, k, v)
+    if any(c.batch is None for c in o.configs):  # free-form without --batch
+        o.configs = [dataclasses.replace(o.configs[0], batch=b) for b in d["batch"]]
+    if device.platform != "cpu" and o.copy_mb < 1024:
+        print(f"warning: --copy-mb {o.copy_mb:g} < 1024: SPEC §5's ceiling is a copy of >= 1 GiB")
+
+
+def _profile_all(o):
+    """{config label: (kernel µs per call or None, message)}; run before this process touches
+    the GPU, so that each ncu child gets the device memory that JAX would otherwise hold here."""
+    if o.platform == "cpu" or "ffi" not in o.impl:
+        print("--profile: ncu measures the CUDA ffi handler only; skipped")
+        return {}
+    out = {}
+    configs = [c for c in o.configs if c.batch] or [  # free-form without --batch: GPU batches
+        dataclasses.replace(o.configs[0], batch=b) for b in GPU_DEFAULTS["batch"]]
+    for c in configs:
+        spec = {"config": dataclasses.asdict(c), "calls": min(o.calls or 4, 4), "runs": 2,
+                "cache_mb": o.cache_mb, "algorithm": o.algorithm, "platform": o.platform}
+        us, msg = _bench_ncu.kernel_us_per_call(spec)
+        print(f"ncu {c.label}: " + (f"{us:.2f} us/call kernel time ({msg})" if us else msg),
+              flush=True)
+        out[c.label] = us
+    return out
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description="selective_state_update benchmark")
-    ap.add_argument("--batch", type=int, nargs="+", default=[1, 8, 64, 256])
-    ap.add_argument("--heads", type=int, default=64)
-    ap.add_argument("--dim", type=int, default=64)
-    ap.add_argument("--dstate", type=int, default=128)
-    ap.add_argument("--ngroups", type=int, default=8)
-    ap.add_argument("--state-dtype", default="bfloat16", choices=list(DT))
-    ap.add_argument("--input-dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
-    ap.add_argument("--mtp", type=int, default=0, help="T > 0: multi-token with T steps")
-    ap.add_argument("--inter", action="store_true", help="write an intermediate-state buffer (needs --mtp)")
-    ap.add_argument("--sr", action="store_true", help="stochastic rounding (float16/bfloat16 state)")
-    ap.add_argument("--z", action="store_true")
-    ap.add_argument("--mamba1", action="store_true", help="3-D state (S, dim, dstate), no heads")
-    ap.add_argument("--calls", type=int, default=10, help="consecutive calls per jitted function")
-    ap.add_argument("--cache-mb", type=float, default=1024, help="state cache size (cold L2)")
-    ap.add_argument("--reps", type=int, default=20)
-    ap.add_argument("--algorithm", default="auto")
-    ap.add_argument("--impl", nargs="+", default=["ffi", "reference"], choices=["ffi", "reference"])
-    ap.add_argument("--platform", default=None, help="cpu or gpu (default: JAX's default)")
-    args = ap.parse_args(argv)
-    device = jax.devices(args.platform)[0] if args.platform else jax.devices()[0]
-    copy = copy_bandwidth(device, nbytes=(1 << 30) if device.platform != "cpu" else (1 << 27))
-    print(f"device {device.device_kind} ({device.platform}); jax {jax.__version__}; "
-          f"copy {copy / 1e9:.0f} GB/s")
-    print(f"{'case':<44}{'impl':<10}{'us/call':>10}{'GB/s':>9}{'% copy':>8}")
-    rng = np.random.default_rng(0)
-    impls = {"ffi": jax_mamba.selective_state_update,
-             "reference": jax_mamba.reference.selective_state_update}
+    """Console entry point (jax-mamba-bench): exit status 0; run() returns the rows."""
+    run(argv)
+    return 0
+
+
+def run(argv=None):
+    o = parse_args(argv)
+    if o.list:
+        for name, c in bc.CASES.items():
+            print(f"{name:<24}{bc.Config(**{**dataclasses.asdict(c), 'name': ''}).label}")
+        return []
+    if o.profile_child:
+        profile_child(json.loads(o.profile_child))
+        return []
+    kernel_us = _profile_all(o) if o.profile else {}
+    device = jax.devices(o.platform)[0] if o.platform else jax.devices()[0]
+    _fill_defaults(o, device)
+    copy, copy_t = copy_bandwidth(device, int(o.copy_mb * 2**20), o.calls, o.reps)
+    header = {"device_kind": device.device_kind, "platform": device.platform,
+              "jax_version": jax.__version__, "jaxlib_version": importlib.metadata.version("jaxlib"),
+              "git_commit": git_commit(), "date": datetime.datetime.now(
+                  datetime.timezone.utc).isoformat(timespec="seconds"),
+              "copy_gbs": copy / 1e9, "copy_mb": o.copy_mb, "copy_us": copy_t * 1e6,
+              "calls": o.calls, "reps": o.reps, "cache_mb": o.cache_mb, "flush_mb": o.flush_mb}
+    print(f"device {device.device_kind} ({device.platform}); jax {jax.__version__}; copy "
+          f"{copy / 1e9:.0f} GB/s (jax_mamba_copy, {o.copy_mb:g} MiB, read + write)")
+    print(f"{'case':<28}{'impl':<10}{'algo':<11}{'us/call':>10}{'GB/s':>9}{'% copy':>8}"
+          f"{'speedup':>9}" + (f"{'kernel us':>11}" if o.profile else ""))
+    flush = make_flush(device, o.flush_mb)
     rows = []
-    for batch in args.batch:
-        name = (f"b{batch} " + (f"P{args.dim} N{args.dstate} mamba1" if args.mamba1 else
-                                f"H{args.heads} P{args.dim} N{args.dstate} G{args.ngroups}")
-                + f" {args.state_dtype}" + (f" T{args.mtp}" if args.mtp else "")
-                + (" inter" if args.inter else "") + (" sr" if args.sr else ""))
-        for impl in args.impl:
-            arrays, nbytes = case(args, batch, device, rng)
-            fns = {k: make_fn(impls[impl], args, k) for k in (args.calls, 2 * args.calls)}
-            state = list(arrays)  # donated buffers: each result is fed back in
-            times = {k: [] for k in fns}
-            for i in range(args.reps + 1):
-                for k, fn in fns.items():
-                    t0 = time.perf_counter()
-                    res = fn(*state)
-                    jax.block_until_ready(res)
-                    times[k].append(time.perf_counter() - t0)
-                    state[0:4] = res[0:4]
-            med = {k: statistics.median(v[1:]) for k, v in times.items()}
-            t = max(med[2 * args.calls] - med[args.calls], 1e-9) / args.calls
-            rows.append((name, impl, t, nbytes / t))
-            print(f"{name:<44}{impl:<10}{t * 1e6:>10.2f}{nbytes / t / 1e9:>9.0f}"
-                  f"{100 * nbytes / t / copy:>7.0f}%", flush=True)
+    for c in o.configs:
+        nbytes = bc.bytes_per_call(c)
+        timed = {impl: time_config(impl, c, o, device, flush) for impl in o.impl}
+        t = {impl: v[0] for impl, v in timed.items()}
+        for impl in o.impl:
+            ok = math.isfinite(t[impl])
+            sp = (t["reference"] / t[impl] if ok and "reference" in t and impl != "reference"
+                  and math.isfinite(t["reference"]) else None)
+            ku = kernel_us.get(c.label) if impl == "ffi" else None
+            r = {"case": c.label, "family": c.family, "batch": c.batch, "impl": impl,
+                 "algorithm": o.algorithm if impl == "ffi" else "-",
+                 "us_per_call": t[impl] * 1e6 if ok else None,  # None: t(2K) <= t(K), noise
+                 "gbs": nbytes / t[impl] / 1e9 if ok else None,
+                 "pct_copy": 100 * nbytes / t[impl] / copy if ok else None,
+                 "speedup": sp, "bytes_per_call": nbytes,
+                 "chain_median_us": {f"K={k}": v * 1e6 for k, v in timed[impl][1].items()}, "kernel_us_per_call": ku,
+                 "cache_mb": c.cache_mb or o.cache_mb, "config": dataclasses.asdict(c)}
+            rows.append(r)
+            print(f"{c.label:<28}{impl:<10}{r['algorithm']:<11}"
+                  + (f"{r['us_per_call']:>10.2f}{r['gbs']:>9.0f}{r['pct_copy']:>7.0f}%" if ok
+                     else f"{'noisy: t(2K) <= t(K), raise --reps/--calls':>27}")
+                  + (f"{sp:>8.2f}x" if sp else f"{'-':>9}")
+                  + (f"{ku:>11.2f}" if ku else (f"{'-':>11}" if o.profile else "")), flush=True)
+    if o.json:
+        with open(o.json, "w") as f:
+            json.dump({"header": header, "rows": rows}, f, indent=1)
+    if o.plot:
+        plot(rows, o.plot, header)
     return rows
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())
