@@ -30,5 +30,7 @@ if(JAX_MAMBA_CUDA_VERBOSE_PTXAS)
 endif()
 
 nanobind_add_module(_cuda NB_STATIC NOMINSIZE ffi/ssu_cuda_module.cc)
+target_include_directories(_cuda SYSTEM PRIVATE ${XLA_FFI_INCLUDE_DIR})  # contract() reads ssu_ffi.h
+target_include_directories(_cuda PRIVATE ffi)
 target_link_libraries(_cuda PRIVATE jax_mamba_cuda_kernels CUDA::cudart_static)
 install(TARGETS _cuda LIBRARY DESTINATION jax_mamba)

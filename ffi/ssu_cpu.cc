@@ -11,7 +11,7 @@
 #include <vector>
 
 #include "nanobind/nanobind.h"
-#include "ssu_ffi.h"
+#include "ssu_contract_py.h"
 #include "copy_ffi.h"
 
 namespace ssu {
@@ -287,12 +287,12 @@ void dispatch_input(const Params& p, ffi::ThreadPool pool) {
   }
 }
 
-ffi::Error SsuCpu(ffi::ThreadPool pool, ffi::RemainingArgs args, ffi::RemainingRets rets,
-                  ffi::Dictionary attrs) {
+ffi::Error SsuCpu(ffi::ThreadPool pool SSU_HANDLER_PARAMS) {
+  Call call = SSU_CALL;
   Params p;
-  int64_t algorithm = 0;  // validated in Python; every strategy is the same loop on the CPU
+  int64_t algorithm_id = 0;  // every strategy is the same loop on the CPU
   AliasCopies copies;
-  if (auto err = decode_params(args, rets, attrs, &p, &algorithm, &copies); err.failure())
+  if (auto err = decode_params(call, &p, &algorithm_id, &copies); err.failure())
     return err;
   for (int i = 0; i < copies.n; ++i) std::memcpy(copies.c[i].dst, copies.c[i].src, copies.c[i].bytes);
   switch (p.state_t) {
@@ -308,17 +308,19 @@ XLA_FFI_DEFINE_HANDLER(kSsuCpu, SsuCpu, bind_ssu(ffi::Ffi::Bind().Ctx<ffi::Threa
 
 // Registered for the CUDA platform when the CUDA module was not built: runs on the host,
 // touches no buffer, and reports why.
-ffi::Error MissingCuda(ffi::RemainingArgs, ffi::RemainingRets, ffi::Dictionary) {
+ffi::Error MissingCuda(ffi::RemainingArgs, ffi::RemainingRets, ffi::Dictionary) {  // any frame
   return ffi::Error(ffi::ErrorCode::kUnimplemented,
                     "jax_mamba was built without CUDA (nvcc was not found at install time); "
                     "reinstall with nvcc on PATH, or run on the CPU / use jax_mamba.reference");
 }
-XLA_FFI_DEFINE_HANDLER(kMissingCuda, MissingCuda, bind_ssu(ffi::Ffi::Bind()));
+XLA_FFI_DEFINE_HANDLER(kMissingCuda, MissingCuda,
+                       ffi::Ffi::Bind().RemainingArgs().RemainingRets().Attrs());
 
 }  // namespace
 }  // namespace ssu
 
 NB_MODULE(_cpu, m) {
+  m.def("contract", &ssu::contract_dict);
   m.def("registrations", []() {
     nanobind::dict d;
     d["jax_mamba_ssu"] = nanobind::capsule(reinterpret_cast<void*>(ssu::kSsuCpu));

@@ -252,19 +252,19 @@ bool make_plan(const Params& p, int64_t algorithm, const DeviceInfo& di, Plan* p
   return true;
 }
 
-ffi::Error SsuCuda(cudaStream_t stream, ffi::RemainingArgs args, ffi::RemainingRets rets,
-                   ffi::Dictionary attrs) {
+ffi::Error SsuCuda(cudaStream_t stream SSU_HANDLER_PARAMS) {
+  Call call = SSU_CALL;
   Params p;
-  int64_t algorithm = 0;
+  int64_t algorithm_id = 0;
   AliasCopies copies;
-  if (auto err = decode_params(args, rets, attrs, &p, &algorithm, &copies); err.failure())
+  if (auto err = decode_params(call, &p, &algorithm_id, &copies); err.failure())
     return err;
   DeviceInfo di;
   if (cudaError_t err = device_info(&di); err != cudaSuccess)
     return ffi::Error::Internal(std::string("jax_mamba_ssu: ") + cudaGetErrorString(err));
   Plan plan;
   std::string why;
-  if (!make_plan(p, algorithm, di, &plan, &why)) return bad(why);
+  if (!make_plan(p, algorithm_id, di, &plan, &why)) return bad(why);
   for (int i = 0; i < copies.n; ++i) {
     if (cudaError_t e = cudaMemcpyAsync(copies.c[i].dst, copies.c[i].src, copies.c[i].bytes,
                                         cudaMemcpyDeviceToDevice, stream);

@@ -2,6 +2,7 @@
 // Kept out of the .cu files so nvcc never sees nanobind.
 #include "nanobind/nanobind.h"
 #include "copy_ffi.h"
+#include "ssu_contract_py.h"
 
 namespace ssu {
 namespace cuda {
@@ -10,6 +11,7 @@ void* handler();
 }  // namespace ssu
 
 NB_MODULE(_cuda, m) {
+  m.def("contract", &ssu::contract_dict);
   m.def("registrations", []() {
     nanobind::dict d;
     d["jax_mamba_ssu"] = nanobind::capsule(ssu::cuda::handler());

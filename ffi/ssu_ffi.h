@@ -1,26 +1,119 @@
-// Decoding the FFI call frame into ssu::Params, shared by the CPU and CUDA handlers.
-// Operands arrive in a fixed order (absent ones as zero-size placeholders, flagged in the
-// `present` attribute); the Python layer has already validated shapes and dtypes, so the
-// checks here only guard against a mismatched caller and never touch data.
+// The typed FFI contract of the jax_mamba_ssu target, shared by the CPU and CUDA handlers, and
+// its decoding into ssu::Params. Operands, results and attributes are bound by name from the
+// tables below (XLA rejects a call with a missing or mistyped attribute); the Python side has
+// one copy of the same tables (jax_mamba/_contract.py), and tests/test_contract.py fails when
+// they differ from what the compiled modules report (contract()).
+//
+// XLA FFI operands are positional and only a suffix can be omitted, so every optional operand
+// is always passed (a zero-size placeholder when absent) and its presence is an explicit
+// `has_<name>` attribute: no size, 0 included, ever means "absent".
 #pragma once
 #include <string>
+#include <string_view>
 #include <utility>
+#include <vector>
 #include "xla/ffi/api/ffi.h"
 #include "ssu_params.h"
+
+// X(name): operands in call order; the required ones first.
+#define SSU_REQUIRED_OPERANDS(X) X(state) X(x) X(dt) X(A) X(B) X(C)
+#define SSU_OPTIONAL_OPERANDS(X)                                                          \
+  X(D) X(z) X(dt_bias) X(state_batch_indices) X(dst_state_batch_indices) X(state_scale)    \
+  X(out) X(intermediate_states_buffer) X(intermediate_state_indices)                      \
+  X(intermediate_state_scales) X(cu_seqlens) X(num_accepted_tokens) X(rand_seed)
+// X(name): results, each named after the operand whose buffer it aliases (`out` only when
+// one was given).
+#define SSU_RESULTS(X) \
+  X(out) X(state) X(state_scale) X(intermediate_states_buffer) X(intermediate_state_scales)
+// X(C++ type, name, Python type name): static settings, then one has_<operand> per optional
+// operand (bound after these, generated from SSU_OPTIONAL_OPERANDS).
+#define SSU_SETTINGS(X)                                                                   \
+  X(int64_t, pad_slot_id, "int") X(bool, dt_softplus, "bool")                             \
+  X(bool, disable_state_update, "bool") X(int64_t, philox_rounds, "int")                  \
+  X(int64_t, cache_steps, "int") X(std::string_view, algorithm, "str")
 
 namespace ssu {
 namespace ffi = xla::ffi;
 
-// Operand order, mirrored in jax_mamba/ops.py (_OPERANDS).
-enum Arg : int {
-  aState, aX, aDt, aA, aB, aC, aD, aZ, aDtBias, aSbi, aDst, aScale, aOut, aInter, aInterIdx,
-  aInterScales, aCu, aNacc, aSeed, kNumArgs
-};
-enum Ret : int { rOut, rState, rScale, rInter, rInterScales, kNumRets };
+#define SSU_ENUM_ARG(name) a_##name,
+#define SSU_ENUM_RET(name) r_##name,
+enum Arg : int { SSU_REQUIRED_OPERANDS(SSU_ENUM_ARG) SSU_OPTIONAL_OPERANDS(SSU_ENUM_ARG) kNumArgs };
+enum Ret : int { SSU_RESULTS(SSU_ENUM_RET) kNumRets };
+#undef SSU_ENUM_ARG
+#undef SSU_ENUM_RET
 
+// The binding, in handler-parameter order: context (added by the caller), operands, results,
+// settings, presence flags.
+#define SSU_BIND_ARG(name) .template Arg<ffi::AnyBuffer>()
+#define SSU_BIND_RET(name) .template Ret<ffi::AnyBuffer>()
+#define SSU_BIND_SETTING(type, name, py) .template Attr<type>(#name)
+#define SSU_BIND_FLAG(name) .template Attr<bool>("has_" #name)
 template <typename Binding>
 auto bind_ssu(Binding b) {
-  return std::move(b).RemainingArgs().RemainingRets().Attrs();
+  return std::move(b) SSU_REQUIRED_OPERANDS(SSU_BIND_ARG) SSU_OPTIONAL_OPERANDS(SSU_BIND_ARG)
+      SSU_RESULTS(SSU_BIND_RET) SSU_SETTINGS(SSU_BIND_SETTING) SSU_OPTIONAL_OPERANDS(SSU_BIND_FLAG);
+}
+#undef SSU_BIND_ARG
+#undef SSU_BIND_RET
+#undef SSU_BIND_SETTING
+#undef SSU_BIND_FLAG
+
+// The handler parameters matching bind_ssu, each prefixed by a comma (they follow the context
+// parameter), and the same names as a braced initialiser for decode_params.
+#define SSU_PARAM_ARG(name) , ffi::AnyBuffer name
+#define SSU_PARAM_RET(name) , ffi::Result<ffi::AnyBuffer> ret_##name
+#define SSU_PARAM_SETTING(type, name, py) , type name
+#define SSU_PARAM_FLAG(name) , bool has_##name
+#define SSU_HANDLER_PARAMS                                                               \
+  SSU_REQUIRED_OPERANDS(SSU_PARAM_ARG) SSU_OPTIONAL_OPERANDS(SSU_PARAM_ARG)               \
+  SSU_RESULTS(SSU_PARAM_RET) SSU_SETTINGS(SSU_PARAM_SETTING) SSU_OPTIONAL_OPERANDS(SSU_PARAM_FLAG)
+#define SSU_LIST_ARG(name) name,
+#define SSU_LIST_RET(name) ret_##name,
+#define SSU_LIST_SETTING(type, name, py) name,
+#define SSU_LIST_FLAG(name) has_##name,
+// A Call from the handler's parameters: `Call call = SSU_CALL;`
+#define SSU_CALL                                                                          \
+  {{SSU_REQUIRED_OPERANDS(SSU_LIST_ARG) SSU_OPTIONAL_OPERANDS(SSU_LIST_ARG)},             \
+   {SSU_RESULTS(SSU_LIST_RET)},                                                           \
+   {SSU_SETTINGS(SSU_LIST_SETTING)},                                                      \
+   {SSU_OPTIONAL_OPERANDS(SSU_LIST_FLAG)}}
+
+#define SSU_FIELD_SETTING(type, name, py) type name;
+#define SSU_FIELD_FLAG(name) bool name;
+struct Settings { SSU_SETTINGS(SSU_FIELD_SETTING) };
+struct Presence { SSU_OPTIONAL_OPERANDS(SSU_FIELD_FLAG) };
+#undef SSU_FIELD_SETTING
+#undef SSU_FIELD_FLAG
+
+// One decoded call frame.
+struct Call {
+  ffi::AnyBuffer in[kNumArgs];
+  ffi::Result<ffi::AnyBuffer> ret[kNumRets];
+  Settings set;
+  Presence has;
+};
+
+// The contract as the compiled module sees it, for the Python-side check.
+struct Contract {
+  std::vector<std::string> operands, results, optional;
+  std::vector<std::pair<std::string, std::string>> attributes;  // (name, Python type)
+};
+inline Contract contract() {
+  Contract c;
+#define SSU_C_ARG(name) c.operands.push_back(#name);
+#define SSU_C_OPT(name) c.optional.push_back(#name);
+#define SSU_C_RET(name) c.results.push_back(#name);
+#define SSU_C_SETTING(type, name, py) c.attributes.push_back({#name, py});
+#define SSU_C_FLAG(name) c.attributes.push_back({"has_" #name, "bool"});
+  SSU_REQUIRED_OPERANDS(SSU_C_ARG) SSU_OPTIONAL_OPERANDS(SSU_C_ARG)
+  SSU_OPTIONAL_OPERANDS(SSU_C_OPT) SSU_RESULTS(SSU_C_RET)
+  SSU_SETTINGS(SSU_C_SETTING) SSU_OPTIONAL_OPERANDS(SSU_C_FLAG)
+#undef SSU_C_ARG
+#undef SSU_C_OPT
+#undef SSU_C_RET
+#undef SSU_C_SETTING
+#undef SSU_C_FLAG
+  return c;
 }
 
 inline bool to_dtype(ffi::DataType t, DType* out) {
@@ -50,109 +143,120 @@ struct AliasCopies {
   int n = 0;
 };
 
-inline ffi::Error decode_params(ffi::RemainingArgs args, ffi::RemainingRets rets,
-                                ffi::Dictionary attrs, Params* p, int64_t* algorithm,
-                                AliasCopies* copies) {
-  if (args.size() != kNumArgs || rets.size() != kNumRets)
-    return bad("expected " + std::to_string(int(kNumArgs)) + " operands and " +
-               std::to_string(int(kNumRets)) + " results, got " + std::to_string(args.size()) +
-               " and " + std::to_string(rets.size()));
-  ffi::AnyBuffer in[kNumArgs] = {
-      *args.get<ffi::AnyBuffer>(0),  *args.get<ffi::AnyBuffer>(1),  *args.get<ffi::AnyBuffer>(2),
-      *args.get<ffi::AnyBuffer>(3),  *args.get<ffi::AnyBuffer>(4),  *args.get<ffi::AnyBuffer>(5),
-      *args.get<ffi::AnyBuffer>(6),  *args.get<ffi::AnyBuffer>(7),  *args.get<ffi::AnyBuffer>(8),
-      *args.get<ffi::AnyBuffer>(9),  *args.get<ffi::AnyBuffer>(10), *args.get<ffi::AnyBuffer>(11),
-      *args.get<ffi::AnyBuffer>(12), *args.get<ffi::AnyBuffer>(13), *args.get<ffi::AnyBuffer>(14),
-      *args.get<ffi::AnyBuffer>(15), *args.get<ffi::AnyBuffer>(16), *args.get<ffi::AnyBuffer>(17),
-      *args.get<ffi::AnyBuffer>(18)};
-  ffi::Result<ffi::AnyBuffer> out[kNumRets] = {
-      *rets.get<ffi::AnyBuffer>(0), *rets.get<ffi::AnyBuffer>(1), *rets.get<ffi::AnyBuffer>(2),
-      *rets.get<ffi::AnyBuffer>(3), *rets.get<ffi::AnyBuffer>(4)};
+// SPEC §3.5 strategy names, as users pass them.
+inline int parse_algorithm(std::string_view s) {
+  constexpr std::string_view names[] = {"auto", "simple", "vertical", "horizontal"};
+  for (int i = 0; i < 4; ++i)
+    if (s == names[i]) return i;
+  return -1;
+}
 
-  auto attr = [&](const char* name, auto def) {
-    auto v = attrs.get<decltype(def)>(name);
-    return v.has_value() ? *v : def;
-  };
-  int64_t present = attr("present", int64_t(-1));
-  if (present < 0) return bad("missing attribute 'present'");
-  p->pad = attr("pad_slot_id", int64_t(-1));
-  p->softplus = attr("dt_softplus", false);
-  p->update_state = !attr("disable_state_update", false);
-  p->philox_rounds = int(attr("philox_rounds", int64_t(10)));
-  // -1: no limit (a limit of 0 steps is a real one)
-  p->cache_steps = attr("cache_steps", int64_t(-1));
-  p->has_cache_steps = p->cache_steps >= 0;
-  *algorithm = attr("algorithm", int64_t(0));
+inline ffi::Error decode_params(Call& call, Params* p, int64_t* algorithm, AliasCopies* copies) {
+  ffi::AnyBuffer* in = call.in;
+  ffi::Result<ffi::AnyBuffer>* out = call.ret;
+  const Settings& set = call.set;
+  const Presence& has = call.has;
+  *algorithm = parse_algorithm(set.algorithm);
+  if (*algorithm < 0)
+    return bad("algorithm: expected auto/simple/vertical/horizontal, got '" +
+               std::string(set.algorithm) + "'");
+  if (set.philox_rounds <= 0 || set.philox_rounds > 1 << 20)
+    return bad("philox_rounds: expected a positive round count, got " +
+               std::to_string(set.philox_rounds));
+  if (set.cache_steps < 0)
+    return bad("cache_steps: expected >= 0, got " + std::to_string(set.cache_steps));
+  p->pad = set.pad_slot_id;
+  p->softplus = set.dt_softplus;
+  p->update_state = !set.disable_state_update;
+  p->philox_rounds = int(set.philox_rounds);
+  // The public meaning: 0 is no limit of its own; the intermediate buffer's step axis (below)
+  // is a limit too.
+  p->cache_steps = set.cache_steps;
+  p->has_cache_steps = set.cache_steps > 0;
 
-  p->has_D = present & kD; p->has_z = present & kZ; p->has_bias = present & kDtBias;
-  p->has_sbi = present & kSbi; p->has_dst = present & kDst; p->has_inter = present & kInter;
-  p->has_inter_idx = present & kInterIdx; p->varlen = present & kCuSeqlens;
-  p->has_nacc = present & kNacc; p->has_seed = present & kSeed;
+  p->has_D = has.D; p->has_z = has.z; p->has_bias = has.dt_bias;
+  p->has_sbi = has.state_batch_indices; p->has_dst = has.dst_state_batch_indices;
+  p->has_inter = has.intermediate_states_buffer;
+  p->has_inter_idx = has.intermediate_state_indices; p->varlen = has.cu_seqlens;
+  p->has_nacc = has.num_accepted_tokens; p->has_seed = has.rand_seed;
+  struct Flag { int arg; bool present; const char* name; };
+#define SSU_FLAG_AT(name) Flag{a_##name, has.name, #name},
+  for (const Flag& f : {SSU_OPTIONAL_OPERANDS(SSU_FLAG_AT)})
+    if (!f.present && in[f.arg].element_count() != 0)
+      return bad(std::string(f.name) + ": has_" + f.name + "=false but the operand has " +
+                 std::to_string(in[f.arg].element_count()) + " elements (expected a placeholder)");
+#undef SSU_FLAG_AT
+  if (has.intermediate_state_indices && !has.intermediate_states_buffer)
+    return bad("has_intermediate_state_indices without has_intermediate_states_buffer");
+  if (has.num_accepted_tokens && !has.state_batch_indices)
+    return bad("has_num_accepted_tokens without has_state_batch_indices");
 
   // Aliased buffers keep the caller's shape: a 3-D state (S, P, N) is the H = 1 case.
-  auto st = in[aState].dimensions();
+  auto st = in[a_state].dimensions();
   if (st.size() != 4 && st.size() != 3) return bad("state must be rank 3 or 4");
   p->S = st[0]; p->H = st.size() == 4 ? st[1] : 1;
   p->P = st[st.size() - 2]; p->N = st[st.size() - 1];
-  auto xd = in[aX].dimensions();
+  auto xd = in[a_x].dimensions();
   if (p->varlen) {
     if (xd.size() != 3) return bad("varlen x must be rank 3 after normalisation");
     p->rows = xd[0]; p->T = 0;
-    p->nb = in[aCu].dimensions()[0] - 1;
+    p->nb = in[a_cu_seqlens].dimensions()[0] - 1;
   } else {
     if (xd.size() != 4) return bad("x must be rank 4 after normalisation");
     p->nb = xd[0]; p->T = xd[1]; p->rows = xd[0] * xd[1];
   }
-  auto bd = in[aB].dimensions();
+  auto bd = in[a_B].dimensions();
   p->G = bd[bd.size() - 2];
   if (p->H <= 0 || p->P <= 0 || p->N <= 0) return bad("nheads, dim and dstate must be positive");
   if (p->G <= 0 || p->H % p->G != 0) return bad("ngroups must divide nheads");
   if (p->nb < 0) return bad("cu_seqlens must have at least one element");
-  if (!to_dtype(in[aState].element_type(), &p->state_t)) return bad("unsupported state dtype");
-  if (!to_dtype(in[aX].element_type(), &p->in_t) || p->in_t == DType::I16)
+  if (!to_dtype(in[a_state].element_type(), &p->state_t)) return bad("unsupported state dtype");
+  if ((p->state_t == DType::I16) != has.state_scale)
+    return bad("has_state_scale must be set exactly for an int16 state");
+  if (!to_dtype(in[a_x].element_type(), &p->in_t) || p->in_t == DType::I16)
     return bad("unsupported x dtype");
-  if (!to_dtype(in[aDt].element_type(), &p->w_t) || p->w_t == DType::I16)
+  if (!to_dtype(in[a_dt].element_type(), &p->w_t) || p->w_t == DType::I16)
     return bad("unsupported dt dtype");
-  if (in[aA].element_type() != ffi::DataType::F32) return bad("A must be float32");
+  if (in[a_A].element_type() != ffi::DataType::F32) return bad("A must be float32");
 
-  p->dt_elem = in[aDt].dimensions().size() == xd.size();
-  p->A_elem = in[aA].dimensions().size() == 3;
-  p->D_elem = in[aD].dimensions().size() == 2;
-  p->bias_elem = in[aDtBias].dimensions().size() == 2;
-  p->sbi_2d = p->has_sbi && in[aSbi].dimensions().size() == 2;
-  p->dst_2d = p->has_dst && in[aDst].dimensions().size() == 2;
-  p->K_sbi = p->sbi_2d ? in[aSbi].dimensions()[1] : 1;
-  p->K_dst = p->dst_2d ? in[aDst].dimensions()[1] : 1;
-  p->idx64 = (p->has_sbi ? in[aSbi] : p->has_dst ? in[aDst] : in[aInterIdx]).element_type() ==
+  p->dt_elem = in[a_dt].dimensions().size() == xd.size();
+  p->A_elem = in[a_A].dimensions().size() == 3;
+  p->D_elem = in[a_D].dimensions().size() == 2;
+  p->bias_elem = in[a_dt_bias].dimensions().size() == 2;
+  p->sbi_2d = p->has_sbi && in[a_state_batch_indices].dimensions().size() == 2;
+  p->dst_2d = p->has_dst && in[a_dst_state_batch_indices].dimensions().size() == 2;
+  p->K_sbi = p->sbi_2d ? in[a_state_batch_indices].dimensions()[1] : 1;
+  p->K_dst = p->dst_2d ? in[a_dst_state_batch_indices].dimensions()[1] : 1;
+  p->idx64 = (p->has_sbi ? in[a_state_batch_indices] : p->has_dst ? in[a_dst_state_batch_indices] : in[a_intermediate_state_indices]).element_type() ==
              ffi::DataType::S64;
-  p->cu64 = in[aCu].element_type() == ffi::DataType::S64;
-  p->nacc64 = in[aNacc].element_type() == ffi::DataType::S64;
+  p->cu64 = in[a_cu_seqlens].element_type() == ffi::DataType::S64;
+  p->nacc64 = in[a_num_accepted_tokens].element_type() == ffi::DataType::S64;
   if (p->has_inter) {
-    auto id = in[aInter].dimensions();
+    auto id = in[a_intermediate_states_buffer].dimensions();
     p->I = id[0]; p->CS = id[1];
   } else {
     p->I = 0; p->CS = 0;
   }
 
-  p->x = in[aX].untyped_data(); p->dt = in[aDt].untyped_data();
-  p->A = static_cast<const float*>(in[aA].untyped_data());
-  p->B = in[aB].untyped_data(); p->C = in[aC].untyped_data();
-  p->D = in[aD].untyped_data(); p->z = in[aZ].untyped_data();
-  p->dt_bias = in[aDtBias].untyped_data();
-  p->sbi = in[aSbi].untyped_data(); p->dst = in[aDst].untyped_data();
-  p->inter_idx = in[aInterIdx].untyped_data();
-  p->cu = in[aCu].untyped_data(); p->nacc = in[aNacc].untyped_data();
-  p->seed = static_cast<const uint32_t*>(in[aSeed].untyped_data());
+  p->x = in[a_x].untyped_data(); p->dt = in[a_dt].untyped_data();
+  p->A = static_cast<const float*>(in[a_A].untyped_data());
+  p->B = in[a_B].untyped_data(); p->C = in[a_C].untyped_data();
+  p->D = in[a_D].untyped_data(); p->z = in[a_z].untyped_data();
+  p->dt_bias = in[a_dt_bias].untyped_data();
+  p->sbi = in[a_state_batch_indices].untyped_data(); p->dst = in[a_dst_state_batch_indices].untyped_data();
+  p->inter_idx = in[a_intermediate_state_indices].untyped_data();
+  p->cu = in[a_cu_seqlens].untyped_data(); p->nacc = in[a_num_accepted_tokens].untyped_data();
+  p->seed = static_cast<const uint32_t*>(in[a_rand_seed].untyped_data());
   // Results alias their inputs (state, scales, intermediates, a given out): the kernels read
   // and write through the result pointers.
-  p->out = out[rOut]->untyped_data();
-  p->state = out[rState]->untyped_data();
-  p->state_scale = static_cast<float*>(out[rScale]->untyped_data());
-  p->inter = out[rInter]->untyped_data();
-  p->inter_scales = static_cast<float*>(out[rInterScales]->untyped_data());
+  p->out = out[r_out]->untyped_data();
+  p->state = out[r_state]->untyped_data();
+  p->state_scale = static_cast<float*>(out[r_state_scale]->untyped_data());
+  p->inter = out[r_intermediate_states_buffer]->untyped_data();
+  p->inter_scales = static_cast<float*>(out[r_intermediate_state_scales]->untyped_data());
 
-  const int pairs[kNumRets][2] = {{aOut, rOut}, {aState, rState}, {aScale, rScale},
-                                  {aInter, rInter}, {aInterScales, rInterScales}};
+  const int pairs[kNumRets][2] = {{a_out, r_out}, {a_state, r_state}, {a_state_scale, r_state_scale},
+                                  {a_intermediate_states_buffer, r_intermediate_states_buffer}, {a_intermediate_state_scales, r_intermediate_state_scales}};
   copies->n = 0;
   for (const auto& pr : pairs) {
     const ffi::AnyBuffer& src = in[pr[0]];

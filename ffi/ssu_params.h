@@ -6,13 +6,6 @@
 
 namespace ssu {
 
-// Bits of the `present` attribute: which optional operands are real (the others are
-// zero-size placeholders). Mirrored in jax_mamba/ops.py.
-enum Present : int64_t {
-  kD = 1, kZ = 2, kDtBias = 4, kSbi = 8, kDst = 16, kOut = 32, kInter = 64,
-  kInterIdx = 128, kCuSeqlens = 256, kNacc = 512, kSeed = 1024,
-};
-
 // Canonical shapes (the Python layer reshapes into these):
 //   state (S,H,P,N); x, z, out (nb,T,H,P) or varlen (rows,H,P); dt like x or without P;
 //   A f32 (H) or (H,P,N); B, C rows x (G,N); D, dt_bias (H) or (H,P);

@@ -53,10 +53,15 @@ def kernel_us_per_call(child_spec: dict, timeout=600):
         log = os.path.join(tmp, "ncu.csv")
         cmd = [ncu, "--clock-control", "none", "--kernel-name", KERNEL_REGEX, "--csv",
                "--metrics", "gpu__time_duration.sum", "--log-file", log,
-               sys.executable, "-m", "jax_mamba.benchmark", "--profile-child",
+               sys.executable, "-P", "-m", "jax_mamba.benchmark", "--profile-child",
                json.dumps(child_spec)]
+        # The child profiles the jax_mamba this process runs: -P keeps the cwd (e.g. a source
+        # tree without compiled modules) off sys.path, PYTHONPATH names this package's parent.
+        here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+            [here] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
         try:
-            p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+            p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
         except subprocess.TimeoutExpired:
             return None, f"ncu run timed out after {timeout} s"
         text = open(log).read() if os.path.exists(log) else ""

@@ -12,7 +12,7 @@ except ImportError as _e:  # the source tree without its compiled modules (e.g. 
         "scikit-build-core and nanobind for --no-build-isolation), or build in-tree as "
         "scripts/gpu_session.sh does.") from _e
 
-TARGET = "jax_mamba_ssu"
+from ._contract import TARGET  # noqa: E402
 
 try:
     from . import _cuda  # built only when nvcc was found at install time

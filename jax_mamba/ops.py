@@ -4,22 +4,11 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from . import _ffi
+from . import _contract, _ffi
 from ._problem import Problem, SSUResult, build_problem
 
-# Operand order and `present` bits: mirrored in ffi/ssu_ffi.h and ffi/ssu_params.h.
-_OPERANDS = ("state", "x", "dt", "A", "B", "C", "D", "z", "dt_bias", "sbi", "dst",
-             "state_scale", "out", "inter", "inter_idx", "inter_scales", "cu_seqlens", "nacc",
-             "seed")
-_PRESENT_BITS = {"D": 1, "z": 2, "dt_bias": 4, "sbi": 8, "dst": 16, "out": 32, "inter": 64,
-                 "inter_idx": 128, "cu_seqlens": 256, "nacc": 512, "seed": 1024}
-# result index -> operand it aliases
-_RESULTS = (("out", "out"), ("state", "state"), ("state_scale", "state_scale"),
-            ("inter", "inter"), ("inter_scales", "inter_scales"))
-_ALGORITHM_IDS = {"auto": 0, "simple": 1, "vertical": 2, "horizontal": 3}
-_PLACEHOLDER_DTYPE = {"sbi": jnp.int32, "dst": jnp.int32, "inter_idx": jnp.int32,
-                      "cu_seqlens": jnp.int32, "nacc": jnp.int32, "seed": jnp.uint32,
-                      "state_scale": jnp.float32, "inter_scales": jnp.float32}
+# Problem fields in operand order (the contract itself is in _contract.py).
+_OPERANDS = tuple(field for _, field in _contract.OPERANDS)
 
 
 _NOT_DIFFERENTIABLE = (
@@ -54,33 +43,9 @@ def check_algorithm(pb: Problem, platform: str):
 
 
 def _call(pb: Problem) -> SSUResult:
-    operands, present = [], 0
-    for name in _OPERANDS:
-        arr = getattr(pb, name)
-        if arr is None:
-            dtype = _PLACEHOLDER_DTYPE.get(name, pb.x.dtype if name in ("out", "z") else
-                                           pb.state.dtype if name == "inter" else pb.dt.dtype)
-            arr = jnp.zeros((0,), dtype)
-        else:
-            present |= _PRESENT_BITS.get(name, 0)
-        operands.append(arr)
-    results, aliases = [], {}
-    for i, (res, src) in enumerate(_RESULTS):
-        arr = operands[_OPERANDS.index(src)]
-        if res == "out" and pb.out is None:
-            results.append(jax.ShapeDtypeStruct(pb.x_shape, pb.x.dtype))
-            continue
-        results.append(jax.ShapeDtypeStruct(arr.shape, arr.dtype))
-        if arr.size or src == "state":
-            aliases[_OPERANDS.index(src)] = i
-    ffi = jax.ffi.ffi_call(_ffi.TARGET, results, input_output_aliases=aliases,
+    operands, results, aliases, attrs = _contract.frame(pb)
+    ffi = jax.ffi.ffi_call(_contract.TARGET, results, input_output_aliases=aliases,
                            vmap_method="sequential")
-    attrs = dict(present=present, pad_slot_id=int(pb.pad_slot_id),
-                 dt_softplus=bool(pb.dt_softplus),
-                 disable_state_update=bool(pb.disable_state_update),
-                 philox_rounds=int(pb.philox_rounds),
-                 cache_steps=-1 if pb.cache_steps is None else int(pb.cache_steps),
-                 algorithm=_ALGORITHM_IDS[pb.algorithm])
 
     # SPEC §4: differentiating raises an error that points to the differentiable reference.
     # custom_jvp is inlined when lowered: the compiled HLO is the bare custom call.

@@ -51,7 +51,7 @@ SCRIPT = textwrap.dedent("""
 def test_chain_is_captured_in_a_command_buffer(tmp_path):
     env = dict(os.environ, XLA_FLAGS=f"--xla_dump_to={tmp_path}")
     proc = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True,
-                          timeout=600)
+                          timeout=600, cwd=tmp_path)  # not the repo root: it would shadow the install
     assert proc.returncode == 0, proc.stderr[-3000:]
     err = float(proc.stdout.split("REL_ERR")[1].split()[0])
     assert err < 1e-4

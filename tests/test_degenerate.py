@@ -25,7 +25,9 @@ def _child(code_or_args, timeout=600):
     cmd = [sys.executable] + (["-c", textwrap.dedent(code_or_args)] if isinstance(code_or_args, str)
                               else [os.path.join(HERE, "degenerate_worker.py")] + code_or_args)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([HERE] + sys.path))
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    # cwd=tests/: `python -c` puts the cwd first on sys.path, and from the repo root the source
+    # tree (no compiled modules when the package is installed) would shadow the install
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=HERE)
     tail = "\n".join((r.stdout + r.stderr).splitlines()[-25:])
     assert r.returncode == 0, f"child exited with {r.returncode}:\n{tail}"
     return r.stdout
