@@ -6,6 +6,7 @@ find_package(CUDAToolkit REQUIRED)
 
 add_library(jax_mamba_cuda_kernels STATIC
   ffi/ssu_cuda.cu
+  ffi/ssu_plan.cc
   ffi/ssu_cuda_f32.cu
   ffi/ssu_cuda_bf16.cu
   ffi/ssu_cuda_f16.cu

@@ -11,7 +11,7 @@
 #include <vector>
 
 #include "nanobind/nanobind.h"
-#include "ssu_contract_py.h"
+#include "ssu_module_py.h"
 #include "copy_ffi.h"
 
 namespace ssu {
@@ -320,7 +320,7 @@ XLA_FFI_DEFINE_HANDLER(kMissingCuda, MissingCuda,
 }  // namespace ssu
 
 NB_MODULE(_cpu, m) {
-  m.def("contract", &ssu::contract_dict);
+  ssu::def_module_functions(m);
   m.def("registrations", []() {
     nanobind::dict d;
     d["jax_mamba_ssu"] = nanobind::capsule(reinterpret_cast<void*>(ssu::kSsuCpu));

@@ -1,56 +1,12 @@
-// Launch plan shared by the CUDA handler (ssu_cuda.cu) and the per-state-dtype kernel
-// translation units (ssu_cuda_<dtype>.cu). Host-only declarations plus the POD structs the
-// kernels receive by value.
+// What the CUDA handler (ssu_cuda.cu) and the per-state-dtype kernel translation units
+// (ssu_cuda_<dtype>.cu) share beyond the plan (ssu_plan.h): the launch entry points.
 #pragma once
 #include <cstdint>
 #include <cuda_runtime.h>
-#include "ssu_params.h"
+#include "ssu_plan.h"
 
 namespace ssu {
 namespace cuda {
-
-// What one CTA of the main grid covers, and the grid layout (see make_plan in ssu_cuda.cu).
-//   main CTAs:  blockIdx.x in [0, main_blocks) -> (entry b, head h, row chunk), row-major
-//               (b, h, chunk); each CTA owns rows [chunk*rows_cta, +rows_cta) of head h.
-//   zero CTAs:  blockIdx.x in [main_blocks, main_blocks + zero_blocks) (varlen only) zero the
-//               rows of `out` that no sequence owns.
-struct Launch {
-  int lshift;            // log2(lanes per state row): register / vertical kernels (generic: 5)
-  int R;                 // rows per lane group (register / vertical), 1 for the generic kernel
-  int rows_cta;          // rows of P per CTA
-  int64_t chunks;        // CTAs per (entry, head)
-  int64_t main_blocks;   // nb * H * chunks
-  int64_t zero_blocks;   // varlen zero-fill CTAs
-  int tile_rows;         // vertical kernel: rows per shared-memory stage (= groups * R)
-  int bc_steps;          // vertical kernel: most steps whose B/C are staged in shared memory
-  int heads_item;        // single-step kernel: heads per work item (item = entry x head chunk)
-  int batches_head;      // single-step kernel: batches of rows_cta rows per head
-};
-
-// Most rows one lane group of the register kernel carries at once, for V fp32 state values
-// per lane (host and device must agree).
-constexpr int rows_per_lane(int V) { return V <= 4 ? 4 : (V <= 8 ? 2 : 1); }
-
-enum class Kernel : int { kNone = 0, kReg = 1, kGeneric = 2, kVert = 3, kStep1 = 4 };
-
-// Vertical kernel (ssu_cuda_vertical.cuh): shared-memory ring depth, most threads per CTA, and
-// the bytes of one stage of `tile_rows` state rows of N elements (128-byte aligned stages).
-constexpr int kVertStages = 3;
-constexpr int kVertThreads = 128;
-__host__ __device__ constexpr uint32_t vert_stage_bytes(int tile_rows, int64_t N, int elem) {
-  return uint32_t((int64_t(tile_rows) * N * elem + 127) / 128 * 128);
-}
-
-struct Plan {
-  Kernel kernel = Kernel::kNone;
-  int nv = 0;            // 16-byte state vectors per lane (register / vertical kernels), rows
-                         // per thread (single-step kernel)
-  int threads = 0;
-  size_t smem = 0;       // dynamic shared memory (generic / vertical kernels)
-  bool persistent = false;  // grid = resident CTAs, each looping over l.main_blocks items
-  int sms = 0;           // multiprocessors of the device (persistent grids)
-  Launch l{};
-};
 
 // Defined (and explicitly instantiated) in ssu_cuda_<dtype>.cu.
 template <DType ST>

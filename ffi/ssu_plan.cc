@@ -1,0 +1,234 @@
+// Planning of the CUDA kernels (ssu_plan.h): host-only, no CUDA headers.
+#include "ssu_plan.h"
+
+#include <algorithm>
+#include <cstdlib>
+#include <string>
+
+namespace ssu {
+namespace cuda {
+namespace {
+
+// Debug / tuning override of the rows per lane group (JAX_MAMBA_CUDA_ROWS=1|2|4, clipped to
+// what the kernel holds); read once per process. 0 = heuristic.
+int rows_override() {
+  static const int v = [] {
+    const char* e = std::getenv("JAX_MAMBA_CUDA_ROWS");
+    return e ? std::atoi(e) : 0;
+  }();
+  return v;
+}
+
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+int pow2_ceil(int64_t v) {
+  int r = 1;
+  while (r < v) r <<= 1;
+  return r;
+}
+int log2i(int v) {
+  int s = 0;
+  while ((1 << s) < v) ++s;
+  return s;
+}
+
+}  // namespace
+
+// Register kernel (ssu_reg): needs N % E == 0 and N <= 1024, E = 16 / sizeof(state) (4 for
+// float32, 8 for 16-bit and int16 states).
+//   simple:     NV = smallest of {1,2,4,(8)} with 32*NV*E >= N; L = lanes per row (<= 32).
+//   horizontal: NV = largest with E*NV <= 32 values per lane, reduced while NV/2 vectors
+//               cover the row; L = the remaining lanes (1 for N <= 32 fp32 / 32 16-bit).
+// Generic kernel (ssu_generic): everything else (simple/auto only).
+// Vertical kernel (ssu_vert, ssu_cuda_vertical.cuh): needs N % E == 0 and N <= 256 (else an
+// error). NV = 1 (2 for float32 N > 128),
+//   L = lanes per row as for simple, CTAs of <= kVertThreads threads, tile = groups * R rows
+//   per shared-memory stage (<= 8 KiB), rows_cta = a power-of-two number of tiles, as many as
+//   keep >= 8 CTAs per SM; B/C staged for up to bc_steps steps (<= 16 KiB).
+//   Overrides (debug / tuning, read once): JAX_MAMBA_CUDA_ROWS (R), JAX_MAMBA_CUDA_VTILES
+//   (tiles per CTA, clipped to the head).
+bool make_plan(const Params& p, int64_t algorithm, const DeviceInfo& di, Plan* pl,
+               std::string* why) {
+  if (algorithm < 0 || algorithm > 3) {
+    *why = "unknown algorithm id " + std::to_string(algorithm);
+    return false;
+  }
+  const int64_t H = p.H, P = p.P, N = p.N;
+  pl->kernel = Kernel::kNone;
+  if (H <= 0 || P <= 0 || p.nb < 0 || p.rows < 0) return true;
+  if (p.nb == 0 && (!p.varlen || p.rows == 0)) return true;
+  if (H * P >= int64_t(INT32_MAX) || N >= int64_t(INT32_MAX) || p.S >= int64_t(INT32_MAX) ||
+      p.rows >= int64_t(INT32_MAX) || p.nb >= int64_t(INT32_MAX) ||
+      p.I * p.CS >= int64_t(INT32_MAX)) {
+    *why = "nheads*dim, dstate, cache slots, tokens, batch and intermediate rows*steps must be "
+           "below 2^31 for the CUDA kernels";
+    return false;
+  }
+
+  const bool f32 = p.state_t == DType::F32;
+  const int E = f32 ? 4 : 8;
+  const int nv_max = f32 ? 8 : 4;  // 32 fp32 values per lane at most
+  const bool vec = N > 0 && N % E == 0 && N / E <= 32 * nv_max;
+  const int64_t nvec = vec ? N / E : 0;
+
+  Launch& l = pl->l;
+  if (algorithm == kVertical) {
+    if (!(N > 0 && N % E == 0 && N <= 256)) {
+      *why = "algorithm: 'vertical' expected dstate to be a multiple of " + std::to_string(E) +
+             " (16-byte state vectors) and at most 256, got dstate=" + std::to_string(N);
+      return false;
+    }
+    static const int vtiles_override = [] {
+      const char* e = std::getenv("JAX_MAMBA_CUDA_VTILES");
+      return e ? std::atoi(e) : 0;
+    }();
+    const int esize = f32 ? 4 : 2;
+    const int nv = nvec > 32 ? 2 : 1;
+    const int L = pow2_ceil(ceil_div(nvec, nv));
+    const int rmax = rows_per_lane(E * nv);
+    const double rows_total = double(p.nb) * double(H) * double(P);
+    const double resident = double(di.sms) * 2048.0;
+    int R = rmax;
+    while (R > 1 && rows_total * L / R < 2.0 * resident) R /= 2;
+    if (rows_override() > 0) R = std::min(rmax, rows_override());
+    const int64_t ng = std::min<int64_t>(kVertThreads / L, ceil_div(P, R));
+    const int threads = int(std::min<int64_t>(kVertThreads, ceil_div(ng * L, 32) * 32));
+    const int tile = (threads / L) * R;
+    const int64_t ntile = ceil_div(P, tile);
+    int64_t k = 1;  // tiles per CTA
+    if (vtiles_override > 0) {
+      k = std::min<int64_t>(vtiles_override, ntile);
+    } else {
+      const int64_t heads = p.nb * H, target = 8 * int64_t(di.sms);
+      while (k * 2 <= ntile && heads * ceil_div(ntile, k * 2) >= target) k *= 2;
+    }
+    // B/C staging: the steps an entry may have (T; varlen: its limit when there is one), capped.
+    const int64_t limit = p.has_inter ? p.CS : p.has_cache_steps ? p.cache_steps : 8;
+    const int64_t steps = p.varlen ? limit : p.T;
+    const int64_t bc_steps = std::max<int64_t>(0, std::min<int64_t>(steps, 16384 / (8 * N)));
+    const size_t smem = size_t(kVertStages) * vert_stage_bytes(tile, N, esize) +
+                        size_t(bc_steps) * 2 * size_t(N) * sizeof(float);
+    if (smem > size_t(di.smem_optin)) {
+      *why = "algorithm: 'vertical' expected at most " + std::to_string(di.smem_optin) +
+             " bytes of shared memory per block (the device's limit), got a plan needing " +
+             std::to_string(smem) + " for dstate=" + std::to_string(N);
+      return false;
+    }
+    pl->kernel = Kernel::kVert;
+    pl->nv = nv;
+    pl->threads = threads;
+    pl->smem = smem;
+    l.lshift = log2i(L);
+    l.R = R;
+    l.tile_rows = tile;
+    l.bc_steps = int(bc_steps);
+    l.rows_cta = int(std::min<int64_t>(k * tile, P));
+  } else if (algorithm != kHorizontal && !p.varlen && p.T == 1 && vec && nvec <= 32 &&
+             (nvec & (nvec - 1)) == 0 && p.nb * H >= 6 * int64_t(di.sms)) {
+    // Single-step kernel (persistent, ssu_cuda_step1.cuh): a row is VPR = nvec vectors, one
+    // per lane of a VPR-lane group; a thread holds KV rows of a batch; an item is an entry's
+    // chunk of HC heads, so the index resolution is paid once per HC * P rows. HC: as many
+    // heads as leave >= 2 items per resident CTA (3 per SM at KV = 2). With fewer than that
+    // many (entry, head) pairs (small batch, Mamba-1's single head) the register-row kernel,
+    // which also splits a head's rows over CTAs, is faster (measured, notes/kernel_versions.md).
+    const int VPR = int(nvec);
+    int kv = 2;
+    while (kv > 1 && int64_t(kv / 2) * (256 / VPR) >= P) kv /= 2;  // small heads: fewer rows
+    if (rows_override() > 0) kv = std::min(8, pow2_ceil(rows_override()));
+    const int64_t rows_batch = std::min<int64_t>(int64_t(kv) * (256 / VPR), P);
+    const int threads = int(std::min<int64_t>(256, ceil_div(ceil_div(rows_batch, kv) * VPR, 32) * 32));
+    const int64_t want_items = 2 * 3 * int64_t(di.sms);
+    int hc = 1;
+    while (hc * 2 <= H && H % (hc * 2) == 0 && p.nb * (H / (hc * 2)) >= want_items) hc *= 2;
+    pl->kernel = Kernel::kStep1;
+    pl->nv = kv;
+    pl->threads = threads;
+    pl->smem = 0;
+    pl->persistent = true;
+    l.lshift = log2i(VPR);
+    l.R = kv;
+    l.rows_cta = kv * (threads / VPR);
+    l.heads_item = hc;
+    l.batches_head = int(ceil_div(P, l.rows_cta));
+  } else if (algorithm == kHorizontal && !vec) {
+    *why = "algorithm: 'horizontal' expected dstate to be a multiple of " + std::to_string(E) +
+           " (16-byte state vectors) and at most " + std::to_string(32 * nv_max * E) +
+           ", got dstate=" + std::to_string(N);
+    return false;
+  } else if (vec) {
+    int nv = 1;
+    if (algorithm == kHorizontal) {
+      nv = nv_max;
+      while (nv > 1 && nv / 2 >= nvec) nv /= 2;
+    } else {
+      while (nv * 32 < nvec) nv *= 2;
+    }
+    const int L = pow2_ceil(ceil_div(nvec, nv));
+    const int V = E * nv;
+    const int rmax = rows_per_lane(V);
+    // Rows per lane group: as many as keep >= 2 full waves of resident threads (more rows
+    // per lane = more loads in flight and B/C reuse; fewer = more CTAs at small batch).
+    const double rows_total = double(p.nb) * double(H) * double(P);
+    const double resident = double(di.sms) * 2048.0;
+    int R = rmax;
+    while (R > 1 && rows_total * L / R < 2.0 * resident) R /= 2;
+    if (rows_override() > 0) R = std::min(rmax, rows_override());
+    int64_t ng = std::min<int64_t>(256 / L, ceil_div(P, R));
+    int threads = int(std::min<int64_t>(256, ceil_div(ng * L, 32) * 32));
+    pl->kernel = Kernel::kReg;
+    pl->nv = nv;
+    pl->threads = threads;
+    pl->smem = 0;
+    l.lshift = log2i(L);
+    l.R = R;
+    l.rows_cta = (threads / L) * R;
+  } else {
+    const size_t row_bytes = size_t(N > 0 ? N : 0) * sizeof(float);
+    int warps = int(std::min<int64_t>(4, P));
+    while (warps > 1 && warps * row_bytes > 48 * 1024) --warps;
+    const size_t smem = warps * row_bytes;
+    if (smem > size_t(di.smem_optin)) {
+      *why = "dstate=" + std::to_string(N) + " is too large for the CUDA kernels (one fp32 "
+             "state row must fit in shared memory)";
+      return false;
+    }
+    pl->kernel = Kernel::kGeneric;
+    pl->nv = 0;
+    pl->threads = 32 * warps;
+    pl->smem = smem;
+    l.lshift = 5;
+    l.R = 1;
+    l.rows_cta = warps;
+  }
+  pl->sms = di.sms;
+  if (pl->kernel == Kernel::kStep1) {  // items: (entry, chunk of heads_item heads)
+    l.chunks = ceil_div(H, l.heads_item);
+    l.main_blocks = p.nb * l.chunks;
+  } else {
+    l.chunks = ceil_div(P, l.rows_cta);
+    l.main_blocks = p.nb * H * l.chunks;
+  }
+  l.zero_blocks = 0;
+  if (p.varlen) {
+    const int64_t elems = p.rows * H * P;
+    l.zero_blocks = std::max<int64_t>(1, std::min<int64_t>(1024, ceil_div(elems, pl->threads * 16)));
+  }
+  if (l.main_blocks + l.zero_blocks > int64_t(INT32_MAX)) {
+    *why = "problem too large for one CUDA grid";
+    return false;
+  }
+  return true;
+}
+
+
+const char* kernel_name(Kernel k) {
+  switch (k) {
+    case Kernel::kReg: return "ssu_reg";
+    case Kernel::kGeneric: return "ssu_generic";
+    case Kernel::kVert: return "ssu_vert";
+    case Kernel::kStep1: return "ssu_step1";
+    default: return "none";
+  }
+}
+
+}  // namespace cuda
+}  // namespace ssu
