@@ -175,19 +175,22 @@ def cu_seqlens_from_lengths(lengths, dtype=jnp.int32):
 
 
 def commit_layer_cache(cache, num_accepted_tokens, state_batch_indices=None,
-                       intermediate_state_indices=None, conv_inputs=None, pad_slot_id=-1):
+                       intermediate_state_indices=None, conv_inputs=None, pad_slot_id=-1, *,
+                       commit_ssm=True):
     """:func:`commit_accepted_states` (and :func:`commit_conv_state`) for every layer of a
     :class:`jax_mamba.cache.LayerCache` in one gather/scatter each.
 
     Indices are per-layer slots / rows ``(b,)`` (positional if None), the same in every layer;
     ``conv_inputs (L, b, T, conv_dim)`` are the conv inputs of the verified tokens per layer
-    (required if the cache has a conv state). Returns the new LayerCache.
+    (required if the cache has a conv state). ``commit_ssm=False`` commits only the conv state
+    (vLLM style: the SSM states are already in the slot table). Returns the new LayerCache.
     """
     from .cache import flat_pad_slot_id, flat_slot_indices
 
-    if cache.intermediate is None and cache.conv is None:
-        raise ValueError("commit_layer_cache: the cache has neither an intermediate buffer "
-                         "nor a conv state")
+    commit_ssm = commit_ssm and cache.intermediate is not None
+    if not commit_ssm and cache.conv is None:
+        raise ValueError("commit_layer_cache: nothing to commit (no intermediate buffer or "
+                         "commit_ssm=False, and no conv state)")
     L, S = cache.num_layers, cache.num_slots
     n = jnp.asarray(num_accepted_tokens)
     b = n.shape[0]
@@ -198,7 +201,7 @@ def commit_layer_cache(cache, num_accepted_tokens, state_batch_indices=None,
     pad = flat_pad_slot_id(pad_slot_id)
     n_all = jnp.tile(n, L)
     view = cache.view()
-    if cache.intermediate is not None:
+    if commit_ssm:
         I = cache.intermediate.shape[1]
         if intermediate_state_indices is None:  # positional rows are never padding
             rows = (jnp.arange(b, dtype=jnp.int32)[None, :] + layers * I).reshape(-1)

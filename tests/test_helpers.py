@@ -499,8 +499,12 @@ def test_commit_layer_cache(device):
     with jax.default_device(device):
         _, cv, xins = jax.jit(lambda c, h: jcache.scan_layers(verify, c, h, params))(c0, h)
         np.testing.assert_array_equal(np.asarray(cv.ssm), np.asarray(c0.ssm))
+        conv_only = spec.commit_layer_cache(cv, nacc, slots, conv_inputs=xins,
+                                            commit_ssm=False)   # vLLM style: conv only
+        np.testing.assert_array_equal(np.asarray(conv_only.ssm), np.asarray(c0.ssm))
         got = jax.jit(spec.commit_layer_cache, donate_argnums=0)(cv, nacc, slots,
                                                                   conv_inputs=xins)
+        np.testing.assert_array_equal(np.asarray(conv_only.conv), np.asarray(got.conv))
         # oracle: per entry, feed its accepted tokens one at a time (the inputs of every layer
         # depend on the previous layer, so step the whole stack)
         want = c0
