@@ -4,16 +4,12 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from . import _contract, _ffi
+from . import _contract, _ffi, _lowering
+from . import batching as _batching
 from ._problem import Problem, SSUResult, build_problem
 
 # Problem fields in operand order (the contract itself is in _contract.py).
 _OPERANDS = tuple(field for _, field in _contract.OPERANDS)
-
-
-_NOT_DIFFERENTIABLE = (
-    "jax_mamba.selective_state_update has no derivative (it is an in-place inference kernel); "
-    "differentiate jax_mamba.reference.selective_state_update instead (same signature, pure jnp)")
 
 
 def _target_platform(*arrays) -> str:
@@ -43,21 +39,11 @@ def check_algorithm(pb: Problem, platform: str):
 
 
 def _call(pb: Problem) -> SSUResult:
+    # batching.call: vmap folds into the slot axis, sharded jit partitions (sharding.py);
+    # a JVP raises the error that points to the differentiable reference
     operands, results, aliases, attrs = _contract.frame(pb)
-    ffi = jax.ffi.ffi_call(_contract.TARGET, results, input_output_aliases=aliases,
-                           vmap_method="sequential")
-
-    # SPEC §4: differentiating raises an error that points to the differentiable reference.
-    # custom_jvp is inlined when lowered: the compiled HLO is the bare custom call.
-    @jax.custom_jvp
-    def call(*ops):
-        return tuple(ffi(*ops, **attrs))
-
-    @call.defjvp
-    def _no_derivative(primals, tangents):
-        raise TypeError(_NOT_DIFFERENTIABLE)
-
-    return pb.result(*call(*operands))
+    return pb.result(*_batching.call(operands, results, aliases, attrs,
+                                     _lowering.plan_request(pb)))
 
 
 def selective_state_update(

@@ -1,0 +1,512 @@
+"""SPMD partitioning rule of the jax_mamba_ssu call: under jax.jit with a sharded state cache
+each device runs the kernel on its own shard (heads: tensor parallel; slots: data parallel)."""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.experimental.custom_partitioning import custom_partitioning
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from . import _contract, _lowering
+
+# How it works (docs/sharding.md has the user's view).
+#
+# `call` wraps the bare FFI call in jax.experimental.custom_partitioning. On one device (and
+# inside shard_map, where every axis is manual) JAX inlines the wrapped function, so the HLO
+# is the bare custom call. On several devices the partitioner asks `_partition` for a plan:
+#
+#   * the state's sharding drives everything: its slot axis (0) and head axis (1) may be
+#     sharded, its P and N axes are replicated (the partitioner gathers them if they were not:
+#     correct, not fast);
+#   * heads: every per-head operand and result is split on H like the state; B and C are split
+#     on G when the head mesh size divides G, otherwise (the head mesh size is a multiple of G)
+#     each shard's heads belong to one group and the shard slices that group out of
+#     replicated B / C;
+#   * slots: per-entry operands are replicated; every shard maps global slot indices to its
+#     own (`_localise`): an entry whose read slot lives on another shard is padded locally
+#     (it is that shard's work), so the kernel runs every entry everywhere but updates only
+#     the shard's own slots. Outputs are then combined (`_combine`): for each row of `out`
+#     that a real (non-pad, in-range) entry owns, the owner's bits are taken through one
+#     integer all-reduce of an out-sized array; rows where every shard computed the same
+#     thing (pads, invalid entries, rows of no sequence) are kept as computed;
+#   * the intermediate buffer sharded on axis 0 like the cache (same mesh axes) keeps its
+#     shards: its rows are mapped like slots. Otherwise its axis 0 is replicated, the owner
+#     of each entry writes the rows and they are combined like `out` (an all-reduce of the
+#     buffer, never of the cache).
+#
+# The partitioned function works on the canonical operand tuple of _contract.frame and the
+# call's attributes; it changes only `pad_slot_id` (a local pad value) and, where it has to
+# supply explicit local indices, the matching has_<operand> flag.
+
+def _name(entry):  # an operand name, or an (operand name, Problem field) pair
+    return entry if isinstance(entry, str) else entry[0]
+
+
+_NAMES = tuple(_name(o) for o in _contract.OPERANDS)
+_I = {name: i for i, name in enumerate(_NAMES)}
+_RESULTS = tuple(_contract.RESULTS)
+_REQUIRED = {_name(o) for o in _contract.REQUIRED}
+
+LOCAL_PAD = -1     # pad value of the shard-local calls (never a valid local index)
+LOCAL_BAD = -2     # an index that is invalid on every shard and is not LOCAL_PAD
+
+
+def kernel(operands, results, aliases, attrs, plan):
+    """The bare kernel call (what a single device runs): the jax_mamba_ssu primitive."""
+    return tuple(_lowering.ssu_p.bind(
+        *operands, results=tuple((tuple(r.shape), np.dtype(r.dtype)) for r in results),
+        aliases=tuple(sorted(dict(aliases).items())), attrs=tuple(sorted(dict(attrs).items())),
+        plan=tuple(plan)))
+
+
+def replan(plan, **changes):
+    """The planner request `plan` ((name, value) pairs) with some sizes changed."""
+    return tuple((k, changes.get(k, v)) for k, v in plan)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Layout:
+    """Static facts of one call, read from the canonical operands and the attributes."""
+    shapes: tuple
+    dtypes: tuple
+    present: tuple          # per operand
+    res_shapes: tuple
+    res_dtypes: tuple
+    aliases: tuple          # sorted (operand index, result index)
+    attrs: tuple            # sorted (name, value)
+    plan: tuple             # the CUDA planner's request ((name, value) pairs)
+
+    def has(self, name):
+        return self.present[_I[name]]
+
+    def shape(self, name):
+        return self.shapes[_I[name]]
+
+    @property
+    def attr(self):
+        return dict(self.attrs)
+
+    @property
+    def heads(self):
+        return len(self.shape("state")) == 4
+
+    @property
+    def varlen(self):
+        return self.has("cu_seqlens")
+
+    @property
+    def S(self):
+        return self.shape("state")[0]
+
+    @property
+    def H(self):
+        return self.shape("state")[1] if self.heads else 1
+
+    @property
+    def G(self):
+        return self.shape("B")[-2]
+
+    @property
+    def nb(self):
+        return self.shape("cu_seqlens")[0] - 1 if self.varlen else self.shape("x")[0]
+
+    @property
+    def T(self):
+        return 1 if self.varlen else self.shape("x")[1]
+
+    @property
+    def rows(self):
+        """Rows of `out` (entries x steps, or tokens in varlen)."""
+        return self.shape("x")[0] * (1 if self.varlen else self.shape("x")[1])
+
+
+def _layout(operands, results, aliases, attrs, plan):
+    present = []
+    for name, arr in zip(_NAMES, operands):
+        flag = attrs.get(f"has_{name}")
+        present.append(True if name in _REQUIRED else
+                       bool(flag) if flag is not None else arr.size > 0)
+    return _Layout(
+        shapes=tuple(tuple(a.shape) for a in operands),
+        dtypes=tuple(np.dtype(a.dtype) for a in operands),
+        present=tuple(present),
+        res_shapes=tuple(tuple(r.shape) for r in results),
+        res_dtypes=tuple(np.dtype(r.dtype) for r in results),
+        aliases=tuple(sorted(aliases.items())),
+        attrs=tuple(sorted(attrs.items())),
+        plan=tuple(plan))
+
+
+# ---------------------------------------------------------------- the plan (static)
+
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+    slot: tuple = ()         # mesh axes the slot axis is split over
+    head: tuple = ()         # mesh axes the head axis is split over
+    groups: str = ""         # "shard" (B/C split on G) | "slice" (one group per shard) | ""
+    inter_slot: bool = False  # intermediate buffer split on axis 0 along `slot`
+    arg_specs: tuple = ()
+    res_specs: tuple = ()
+
+
+def _axes(sharding, dim):
+    if not isinstance(sharding, NamedSharding):
+        return ()
+    spec = tuple(sharding.spec)
+    if dim >= len(spec) or spec[dim] is None:
+        return ()
+    e = spec[dim]
+    return (e,) if isinstance(e, str) else tuple(e)
+
+
+def _size(mesh, axes):
+    return math.prod(mesh.shape[a] for a in axes)
+
+
+def _entry(axes):
+    return None if not axes else axes[0] if len(axes) == 1 else tuple(axes)
+
+
+def _plan(lay: _Layout, mesh, shardings) -> _Plan:
+    st = shardings[_I["state"]]
+    slot = _axes(st, 0)
+    if slot and lay.S % _size(mesh, slot):
+        slot = ()
+    head = tuple(a for a in _axes(st, 1) if a not in slot) if lay.heads else ()
+    groups = ""
+    if head:
+        mh, H, G = _size(mesh, head), lay.H, lay.G
+        if H % mh:
+            head = ()
+        elif G % mh == 0:
+            groups = "shard"
+        elif mh % G == 0:
+            groups = "slice"
+        else:
+            head = ()
+    inter_slot = False
+    if slot and lay.has("intermediate_states_buffer"):
+        I = lay.shape("intermediate_states_buffer")[0]
+        inter_slot = (_axes(shardings[_I["intermediate_states_buffer"]], 0) == slot
+                      and I % _size(mesh, slot) == 0)
+    h, s = _entry(head), _entry(slot)
+    i0 = s if inter_slot else None
+
+    def spec(name, shape, present):
+        nd = len(shape)
+        if not present:
+            return (None,) * nd
+        if name == "state":
+            return (s, h, None, None) if lay.heads else (s, None, None)
+        if name == "state_scale":
+            return ((s, h) if lay.heads else (s,)) + (None,) * (nd - (2 if lay.heads else 1))
+        if name == "intermediate_states_buffer":
+            return (i0, None) + ((h,) if lay.heads else ()) + (None, None)
+        if name == "intermediate_state_scales":
+            return (i0, None) + ((h,) if lay.heads else ()) + (None,) * (nd - (3 if lay.heads else 2))
+        if name in ("x", "z", "out"):  # head axis second to last (4-D state)
+            return (None,) * (nd - 2) + ((h, None) if lay.heads else (None, None))
+        if name == "dt":
+            per_elem = nd == len(lay.shape("x"))
+            return (None,) * (nd - 2) + ((h, None) if per_elem else (None, h))
+        if name in ("A", "D", "dt_bias"):
+            return (h,) + (None,) * (nd - 1)
+        if name in ("B", "C"):
+            return (None,) * (nd - 2) + ((h if groups == "shard" else None), None)
+        return (None,) * nd  # indices, cu_seqlens, num_accepted_tokens, seed
+
+    arg_specs = tuple(spec(n, sh, p) for n, sh, p in zip(_NAMES, lay.shapes, lay.present))
+    res_specs = []
+    for r, (name, shape) in enumerate(zip(_RESULTS, lay.res_shapes)):
+        if name == "out":
+            res_specs.append(spec("out", shape, True))
+        else:
+            res_specs.append(arg_specs[_I[name]] if lay.has(name) else (None,) * len(shape))
+    return _Plan(slot=slot, head=head, groups=groups, inter_slot=inter_slot,
+                 arg_specs=arg_specs, res_specs=tuple(res_specs))
+
+
+def _tile(mesh, shape, spec):
+    out = []
+    for d, e in zip(shape, spec):
+        axes = () if e is None else (e,) if isinstance(e, str) else tuple(e)
+        out.append(d // _size(mesh, axes))
+    return tuple(out)
+
+
+# ---------------------------------------------------------------- the shard-local call
+
+def _axis_index(mesh, axes):
+    """Linear index of this shard along `axes` (major to minor, as in a PartitionSpec)."""
+    i = jnp.int32(0)
+    for a in axes:
+        i = i * mesh.shape[a] + lax.axis_index(a)
+    return i
+
+
+def _local_src(v, pad, S, off, n, pad_aware=True):
+    """Read slots: own -> local index; global pad -> local pad; another shard's -> local pad
+    (its work, not ours); outside [0, S) -> invalid everywhere."""
+    off = off.astype(v.dtype)
+    mine = (v >= off) & (v < off + n)
+    valid = (v >= 0) & (v < S)
+    r = jnp.where(mine, v - off, jnp.where(valid, LOCAL_PAD, LOCAL_BAD))
+    return jnp.where(v == pad, LOCAL_PAD, r).astype(v.dtype) if pad_aware else r.astype(v.dtype)
+
+
+def _local_dst(v, pad, off, n, pad_aware=True):
+    """Written slots / rows: own -> local index; pad -> local pad; anything else (another
+    shard's, or invalid) -> invalid, so the owner of the entry faults visibly (NaN, no write)
+    rather than losing the write."""
+    off = off.astype(v.dtype)
+    mine = (v >= off) & (v < off + n)
+    r = jnp.where(mine, v - off, LOCAL_BAD)
+    return jnp.where(v == pad, LOCAL_PAD, r).astype(v.dtype) if pad_aware else r.astype(v.dtype)
+
+
+def _read_slots(lay, ops):
+    """Global read slot of each entry (as the kernel resolves it) and whether it is real."""
+    nb, pad = lay.nb, lay.attr["pad_slot_id"]
+    if not lay.has("state_batch_indices"):
+        return jnp.arange(nb, dtype=jnp.int32), jnp.ones((nb,), bool)
+    sbi = ops[_I["state_batch_indices"]]
+    K = sbi.shape[1] if sbi.ndim == 2 else 1
+    col = jnp.zeros((nb,), jnp.int32)
+    if lay.has("num_accepted_tokens"):
+        col = jnp.clip(ops[_I["num_accepted_tokens"]] - 1, 0, K - 1).astype(jnp.int32)
+    src = jnp.take_along_axis(sbi.reshape(nb, K), col[:, None], axis=1)[:, 0]
+    return src, (src != pad) & (src >= 0) & (src < lay.S)
+
+
+def _row_counts(lay, ops, weights):
+    """Per row of `out`: how many of the entries with weight 1 own it."""
+    w = weights.astype(jnp.int32)
+    if not lay.varlen:
+        return jnp.repeat(w, lay.T, total_repeat_length=lay.rows)
+    cu = ops[_I["cu_seqlens"]]
+    rows = lay.rows
+    a, z = cu[:-1], cu[1:]
+    lo = jnp.clip(a, 0, rows)
+    hi = jnp.where(z >= a, jnp.clip(z, 0, rows), lo)
+    d = jnp.zeros((rows + 1,), jnp.int32).at[lo].add(w).at[hi].add(-w)
+    return jnp.cumsum(d)[:rows]
+
+
+def _uint(dtype):
+    return {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32, 8: jnp.uint64}[np.dtype(dtype).itemsize]
+
+
+def _combine(arr, R, n_all, n_mine, axes):
+    """Rows (axis 0) owned by exactly one real entry take that entry's shard's bits (one
+    integer all-reduce: exact for every value, NaN and -0 included); other rows are the same on
+    every shard and stay as computed."""
+    if R == 0 or arr.size == 0:
+        return arr
+    flat = arr.reshape(R, -1)
+    bits = lax.bitcast_convert_type(flat, _uint(arr.dtype))
+    wide = bits.astype(jnp.uint32) if bits.dtype.itemsize < 4 else bits
+    one = (n_all == 1)[:, None]
+    total = lax.psum(jnp.where(one & (n_mine == 1)[:, None], wide, 0), axes)
+    bits = jnp.where(one, total.astype(bits.dtype), bits)
+    return lax.bitcast_convert_type(bits, arr.dtype).reshape(arr.shape)
+
+
+def _local(lay: _Layout, plan: _Plan, mesh, ops):
+    ops = list(ops)
+    attrs = lay.attr
+    if plan.groups == "slice":  # this shard's heads all lie in one group
+        per = _size(mesh, plan.head) // lay.G
+        g = _axis_index(mesh, plan.head) // per
+        for name in ("B", "C"):
+            a = ops[_I[name]]
+            ops[_I[name]] = lax.dynamic_slice_in_dim(a, g, 1, axis=a.ndim - 2)
+    combine = None
+    if plan.slot:
+        ms = _size(mesh, plan.slot)
+        S, Sl, nb, pad = lay.S, lay.S // ms, lay.nb, attrs["pad_slot_id"]
+        shard = _axis_index(mesh, plan.slot)
+        off = shard * Sl
+        idx_dtype = next((lay.dtypes[_I[n]] for n in ("state_batch_indices",
+                          "dst_state_batch_indices", "intermediate_state_indices")
+                          if lay.has(n)), np.dtype(np.int32))
+        src, real = _read_slots(lay, ops)
+        mine = real & (src >= off) & (src < off + Sl)
+        if lay.has("state_batch_indices"):
+            i = _I["state_batch_indices"]
+            ops[i] = _local_src(ops[i], pad, S, off, Sl)
+        else:  # entry b reads slot b: explicit local indices
+            ops[_I["state_batch_indices"]] = _local_src(
+                jnp.arange(nb, dtype=idx_dtype), pad, S, off, Sl, pad_aware=False)
+            attrs["has_state_batch_indices"] = True
+        if lay.has("dst_state_batch_indices"):
+            i = _I["dst_state_batch_indices"]
+            ops[i] = _local_dst(ops[i], pad, off, Sl)
+        inter = lay.has("intermediate_states_buffer")
+        ii_name = "intermediate_state_indices"
+        if inter:
+            I = lay.shape("intermediate_states_buffer")[0]
+            explicit = lay.has(ii_name)
+            ii = ops[_I[ii_name]] if explicit else jnp.arange(nb, dtype=idx_dtype)
+            if plan.inter_slot:
+                Il = I // ms
+                ops[_I[ii_name]] = _local_dst(ii, pad, shard * Il, Il, pad_aware=explicit)
+                attrs["has_" + ii_name] = True
+            elif explicit:  # replicated rows keep their numbers; only the pad value changes
+                ok = (ii >= 0) & (ii < I)
+                ops[_I[ii_name]] = jnp.where(ii == pad, LOCAL_PAD,
+                                             jnp.where(ok, ii, LOCAL_BAD)).astype(ii.dtype)
+        attrs["pad_slot_id"] = LOCAL_PAD
+        n_all, n_mine = _row_counts(lay, ops, real), _row_counts(lay, ops, mine)
+        combine = dict(n_all=n_all, n_mine=n_mine)
+        if inter and not plan.inter_slot:
+            ok = (ii >= 0) & (ii < I)
+            if explicit:
+                ok = ok & (ii != pad)
+            tgt = jnp.where(ok, ii, I)
+            count = lambda w: jnp.zeros((I,), jnp.int32).at[tgt].add(  # noqa: E731
+                w.astype(jnp.int32), mode="drop")
+            combine.update(i_all=count(real), i_mine=count(mine))
+    results = [jax.ShapeDtypeStruct(_tile(mesh, shape, spec), dtype) for shape, dtype, spec in
+               zip(lay.res_shapes, lay.res_dtypes, plan.res_specs)]
+    local = {"S": _tile(mesh, lay.shape("state"), plan.arg_specs[_I["state"]])[0]}
+    if lay.heads:
+        local["H"] = _tile(mesh, lay.shape("state"), plan.arg_specs[_I["state"]])[1]
+    if lay.has("intermediate_states_buffer"):
+        local["I"] = results[_RESULTS.index("intermediate_states_buffer")].shape[0]
+    res = list(kernel(ops, results, dict(lay.aliases), attrs, replan(lay.plan, **local)))
+    if combine is not None:
+        res[0] = _combine(res[0], lay.rows, combine["n_all"], combine["n_mine"], plan.slot)
+        if "i_all" in combine:
+            for r in (_RESULTS.index("intermediate_states_buffer"),
+                      _RESULTS.index("intermediate_state_scales")):
+                if lay.has(_RESULTS[r]):
+                    res[r] = _combine(res[r], res[r].shape[0], combine["i_all"],
+                                      combine["i_mine"], plan.slot)
+    return tuple(res)
+
+
+# ---------------------------------------------------------------- custom_partitioning glue
+
+def _shardings(mesh, specs):
+    return tuple(NamedSharding(mesh, PartitionSpec(*s)) for s in specs)
+
+
+def _usable(mesh, shardings):
+    return (isinstance(mesh, Mesh) and not mesh.empty
+            and all(s is None or isinstance(s, NamedSharding) for s in shardings))
+
+
+def _replicated_plan(lay):
+    return _Plan(arg_specs=tuple((None,) * len(s) for s in lay.shapes),
+                 res_specs=tuple((None,) * len(s) for s in lay.res_shapes))
+
+
+def _fallback_mesh(shardings):
+    devices = set()
+    for s in shardings:
+        if s is not None:
+            devices |= set(s.device_set)
+    return Mesh(np.array(sorted(devices, key=lambda d: d.id)), ("_replicated",))
+
+
+def _partition(lay, mesh, arg_shapes, result_shape):
+    shardings = [getattr(a, "sharding", None) for a in arg_shapes]
+    if _usable(mesh, shardings):
+        plan = _plan(lay, mesh, shardings)
+    else:  # not expressible on a named mesh: run replicated (correct, gathers)
+        mesh, plan = _fallback_mesh(shardings), _replicated_plan(lay)
+
+    def lower(*ops):
+        return _local(lay, plan, mesh, ops)
+
+    return (mesh, lower, _shardings(mesh, plan.res_specs), _shardings(mesh, plan.arg_specs))
+
+
+def _infer(lay, mesh, arg_shapes, result_shape):
+    shardings = [getattr(a, "sharding", None) for a in arg_shapes]
+    if not _usable(mesh, shardings):
+        mesh, plan = _fallback_mesh(shardings), _replicated_plan(lay)
+    else:
+        plan = _plan(lay, mesh, shardings)
+    return _shardings(mesh, plan.res_specs)
+
+
+def _factors(lay):
+    """Shardy factors of every operand and result dimension (sharding propagation only; the
+    plan above decides what is split)."""
+    lead = ["r"] if lay.varlen else ["b", "t"]
+    ent = "e" if lay.varlen else "b"
+    hp = ["h", "p"] if lay.heads else ["p"]
+
+    def user_x(nd):  # out in the caller's layout of x
+        n_lead = nd - len(hp)
+        return (["r"] if lay.varlen else ["b", "t"][:n_lead]) + hp
+
+    ops = []
+    for k, (name, shape, present) in enumerate(zip(_NAMES, lay.shapes, lay.present)):
+        nd = len(shape)
+        if not present:
+            f = [f"z{k}"]
+        elif name == "state":
+            f = ["s"] + hp + ["n"]
+        elif name in ("x", "z"):
+            f = lead + ["h", "p"]
+        elif name == "dt":
+            f = lead + ["h", "p"][: nd - len(lead)]
+        elif name == "A":
+            f = ["h", "p", "n"][:nd]
+        elif name in ("D", "dt_bias"):
+            f = ["h", "p"][:nd]
+        elif name in ("B", "C"):
+            f = lead + ["g", "n"]
+        elif name == "state_batch_indices":
+            f = [ent, "k1"][:nd]
+        elif name == "dst_state_batch_indices":
+            f = [ent, "k2"][:nd]
+        elif name == "state_scale":
+            f = (["s"] + hp + ["u"])[:nd]
+        elif name == "out":
+            f = user_x(nd)
+        elif name == "intermediate_states_buffer":
+            f = ["i", "c"] + hp + ["n"]
+        elif name == "intermediate_state_scales":
+            f = ["i", "c"] + hp
+        elif name in ("intermediate_state_indices", "num_accepted_tokens"):
+            f = [ent]
+        elif name == "cu_seqlens":
+            f = ["q"]
+        else:  # rand_seed
+            f = ["w"]
+        ops.append(f)
+    res = []
+    for name, shape in zip(_RESULTS, lay.res_shapes):
+        res.append(user_x(len(shape)) if name == "out" and not lay.has("out")
+                   else ops[_I[name]])
+    return ops, res
+
+
+def _rule(lay):
+    ops, res = _factors(lay)
+    return ", ".join(" ".join(f) for f in ops) + " -> " + ", ".join(" ".join(f) for f in res)
+
+
+def call(operands, results, aliases, attrs, plan):
+    """The kernel call with its SPMD partitioning rule; on a single device (and inside
+    shard_map) it lowers to exactly the bare custom call."""
+    lay = _layout(operands, results, aliases, attrs, plan)
+
+    def body(*ops):
+        return kernel(ops, results, aliases, attrs, plan)
+
+    fn = custom_partitioning(body)
+    fn.def_partition(
+        partition=lambda mesh, a, r: _partition(lay, mesh, a, r),
+        infer_sharding_from_operands=lambda mesh, a, r: _infer(lay, mesh, a, r),
+        sharding_rule=_rule(lay))
+    return tuple(fn(*operands))
