@@ -8,16 +8,13 @@ import jax.numpy as jnp
 
 TARGET = "jax_mamba_ssu"
 
-# (operand, Problem field) in call order; all but the first six are optional: absent ones
-# travel as zero-size placeholders flagged has_<operand>=False.
-OPERANDS = (
-    ("state", "state"), ("x", "x"), ("dt", "dt"), ("A", "A"), ("B", "B"), ("C", "C"),
-    ("D", "D"), ("z", "z"), ("dt_bias", "dt_bias"), ("state_batch_indices", "sbi"),
-    ("dst_state_batch_indices", "dst"), ("state_scale", "state_scale"), ("out", "out"),
-    ("intermediate_states_buffer", "inter"), ("intermediate_state_indices", "inter_idx"),
-    ("intermediate_state_scales", "inter_scales"), ("cu_seqlens", "cu_seqlens"),
-    ("num_accepted_tokens", "nacc"), ("rand_seed", "seed"),
-)
+# Operands in call order, named as the public arguments (and the Problem fields); all but the
+# first six are optional: absent ones travel as zero-size placeholders flagged
+# has_<operand>=False.
+OPERANDS = ("state", "x", "dt", "A", "B", "C", "D", "z", "dt_bias", "state_batch_indices",
+            "dst_state_batch_indices", "state_scale", "out", "intermediate_states_buffer",
+            "intermediate_state_indices", "intermediate_state_scales", "cu_seqlens",
+            "num_accepted_tokens", "rand_seed")
 REQUIRED = OPERANDS[:6]
 OPTIONAL = OPERANDS[6:]
 # Results, each named after the operand whose buffer it aliases (`out` only when given).
@@ -26,10 +23,9 @@ RESULTS = ("out", "state", "state_scale", "intermediate_states_buffer",
 # (attribute, Python type): static settings, then the presence flags.
 SETTINGS = (("pad_slot_id", int), ("dt_softplus", bool), ("disable_state_update", bool),
             ("philox_rounds", int), ("cache_steps", int), ("algorithm", str))
-ATTRIBUTES = SETTINGS + tuple((f"has_{name}", bool) for name, _ in OPTIONAL)
+ATTRIBUTES = SETTINGS + tuple((f"has_{name}", bool) for name in OPTIONAL)
 
-_FIELD = dict(OPERANDS)
-_INDEX = {name: i for i, (name, _) in enumerate(OPERANDS)}
+_INDEX = {name: i for i, name in enumerate(OPERANDS)}
 
 
 def _placeholder_dtype(name, pb):
@@ -49,23 +45,24 @@ def _placeholder_dtype(name, pb):
 def frame(pb):
     """(operands, result shapes, input_output_aliases, attributes) of one call on Problem pb."""
     operands, attrs = [], {}
-    for name, field in OPERANDS:
-        arr = getattr(pb, field)
-        if (name, field) in OPTIONAL:
+    for name in OPERANDS:
+        arr = getattr(pb, name)
+        if name in OPTIONAL:
             attrs[f"has_{name}"] = arr is not None
         operands.append(jnp.zeros((0,), _placeholder_dtype(name, pb)) if arr is None else arr)
     results, aliases = [], {}
     for i, name in enumerate(RESULTS):
         arr = operands[_INDEX[name]]
         if name == "out" and pb.out is None:
-            results.append(jax.ShapeDtypeStruct(pb.x_shape, pb.x.dtype))
+            results.append(jax.ShapeDtypeStruct(pb.x.shape, pb.x.dtype))
             continue
         results.append(jax.ShapeDtypeStruct(arr.shape, arr.dtype))
         # zero-size placeholders are not aliased (nothing to update in place)
         if arr.size or name == "state":
             aliases[_INDEX[name]] = i
-    attrs.update(pad_slot_id=int(pb.pad_slot_id), dt_softplus=bool(pb.dt_softplus),
-                 disable_state_update=bool(pb.disable_state_update),
-                 philox_rounds=int(pb.philox_rounds), cache_steps=pb.cache_steps or 0,
-                 algorithm=str(pb.algorithm))  # cache_steps: longest sequence, 0 = no limit
+    st = pb.settings
+    attrs.update(pad_slot_id=int(st.pad_slot_id), dt_softplus=bool(st.dt_softplus),
+                 disable_state_update=bool(st.disable_state_update),
+                 philox_rounds=int(st.philox_rounds), cache_steps=st.cache_steps or 0,
+                 algorithm=str(st.algorithm))  # cache_steps: longest sequence, 0 = no limit
     return operands, results, aliases, attrs

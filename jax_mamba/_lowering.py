@@ -39,12 +39,12 @@ def plan_request(pb):
     """What the CUDA planner needs to know about pb, as (name, value) pairs."""
     rows = pb.x.shape[0] if pb.mode == "varlen" else pb.nb * pb.T
     S, H, P, N = pb.dims
+    inter = pb.intermediate_states_buffer
     return (("S", S), ("H", H), ("P", P), ("N", N), ("nb", pb.nb), ("T", pb.T), ("rows", rows),
             ("state_dtype", np.dtype(pb.state.dtype).name), ("varlen", pb.mode == "varlen"),
-            ("has_inter", pb.inter is not None),
-            ("I", 0 if pb.inter is None else pb.inter.shape[0]),
-            ("CS", 0 if pb.inter is None else pb.inter.shape[1]),
-            ("cache_steps", pb.cache_steps or 0), ("algorithm", pb.algorithm))
+            ("has_inter", inter is not None), ("I", 0 if inter is None else inter.shape[0]),
+            ("CS", 0 if inter is None else inter.shape[1]),
+            ("cache_steps", pb.settings.cache_steps or 0), ("algorithm", pb.settings.algorithm))
 
 
 def cuda_refusal(plan, device=None):

@@ -3,8 +3,12 @@ normalisation into the canonical layout both the FFI kernels and the reference r
 
     state (S, H, P, N); x, z, out (nb, T, H, P) or varlen (TT, H, P); dt like x or without P;
     A float32 (H,) or (H, P, N); B, C (..., G, N); D, dt_bias (H,) or (H, P);
-    sbi, dst (nb,) or (nb, K); state_scale (S, H, P); intermediates (I, CS, H, P, N) + (I, CS, H, P);
-    seed uint32 (2,).
+    state_batch_indices, dst_state_batch_indices (nb,) or (nb, K); state_scale (S, H, P);
+    intermediate buffer (I, CS, H, P, N) + scales (I, CS, H, P); rand_seed uint32 (2,).
+
+In steps: one validation function per argument group, then `canonicalise`, which returns the
+Problem plus a Restore that maps results back to the caller's shapes; `public_function` holds
+the one definition of the public signature.
 
 Inputs are only reshaped (free in XLA). The aliased buffers (state, state_scale, out and the
 intermediate buffers) keep the caller's shapes: XLA inserts copies when an aliased operand is a
@@ -14,6 +18,8 @@ reshape (e.g. with an inserted size-1 head axis) of a donated parameter, so cons
 from __future__ import annotations
 
 import dataclasses
+import functools
+import inspect
 import operator
 from typing import Any, NamedTuple, Optional
 
@@ -102,9 +108,21 @@ def _required(name, v):
 _INT_RANGE = {np.dtype(np.int32): (-2**31, 2**31 - 1), np.dtype(np.int64): (-2**63, 2**63 - 1)}
 
 
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """The static (compile-time) settings of a call, validated."""
+    pad_slot_id: int
+    dt_softplus: bool
+    disable_state_update: bool
+    philox_rounds: int
+    cache_steps: Optional[int]  # longest allowed sequence: cache_steps or the buffer's step axis
+    algorithm: str
+
+
 @dataclasses.dataclass
 class Problem:
-    """Canonical arrays plus the static settings and what is needed to restore user shapes."""
+    """The canonical problem both the kernels and the reference run on: the operands (named as
+    the public arguments; absent ones None), the settings, and the canonical sizes."""
     state: Any
     x: Any
     dt: Any
@@ -114,31 +132,21 @@ class Problem:
     D: Any
     z: Any
     dt_bias: Any
-    sbi: Any
-    dst: Any
+    state_batch_indices: Any
+    dst_state_batch_indices: Any
     state_scale: Any
     out: Any
-    inter: Any
-    inter_idx: Any
-    inter_scales: Any
+    intermediate_states_buffer: Any
+    intermediate_state_indices: Any
+    intermediate_state_scales: Any
     cu_seqlens: Any
-    nacc: Any
-    seed: Any
-    pad_slot_id: int
-    dt_softplus: bool
-    disable_state_update: bool
-    philox_rounds: int
-    cache_steps: Optional[int]  # longest allowed sequence (cache_steps or the buffer's step axis)
-    algorithm: str
+    num_accepted_tokens: Any
+    rand_seed: Any
+    settings: Settings
     dims: tuple          # canonical (S, H, P, N) of the state
     mode: str            # "stp" | "mtp" | "varlen"
     nb: int              # entries (batch rows or sequences)
     T: int               # steps per entry (0 in varlen)
-    x_shape: tuple
-    state_shape: tuple
-    scale_shape: Optional[tuple]
-    inter_shape: Optional[tuple]
-    inter_scales_shape: Optional[tuple]
 
     @property
     def S(self):
@@ -160,15 +168,22 @@ class Problem:
     def G(self):
         return self.B.shape[-2]
 
-    def result(self, out, state, state_scale, inter, inter_scales) -> SSUResult:
-        """Reshapes canonical results back to the user's shapes."""
-        return SSUResult(
-            out.reshape(self.x_shape),
-            state.reshape(self.state_shape),
-            None if self.scale_shape is None else state_scale.reshape(self.scale_shape),
-            None if self.inter_shape is None else inter.reshape(self.inter_shape),
-            None if self.inter_scales_shape is None else inter_scales.reshape(self.inter_scales_shape),
-        )
+
+@dataclasses.dataclass(frozen=True)
+class Restore:
+    """Maps canonical results back to the caller's shapes."""
+    x_shape: tuple
+    state_shape: tuple
+    scale_shape: Optional[tuple]
+    inter_shape: Optional[tuple]
+    inter_scales_shape: Optional[tuple]
+
+    def __call__(self, out, state, state_scale, inter, inter_scales) -> SSUResult:
+        def shaped(a, shape):
+            return None if shape is None else a.reshape(shape)
+        return SSUResult(out.reshape(self.x_shape), state.reshape(self.state_shape),
+                         shaped(state_scale, self.scale_shape), shaped(inter, self.inter_shape),
+                         shaped(inter_scales, self.inter_scales_shape))
 
 
 def seed_words(name, seed):
@@ -200,25 +215,11 @@ def seed_words(name, seed):
     return jnp.stack([low, high])
 
 
-# The public signature (names, order, defaults) of selective_state_update and its reference;
-# build_problem takes the same arguments in the same order. None marks a required argument.
-SIGNATURE = (
-    ("state", None), ("x", None), ("dt", None), ("A", None), ("B", None), ("C", None),
-    ("D", None), ("z", None), ("dt_bias", None), ("dt_softplus", False),
-    ("state_batch_indices", None), ("pad_slot_id", -1), ("state_scale", None), ("out", None),
-    ("disable_state_update", False), ("intermediate_states_buffer", None),
-    ("intermediate_state_indices", None), ("intermediate_state_scales", None),
-    ("rand_seed", None), ("philox_rounds", 10), ("cache_steps", 0), ("algorithm", "auto"),
-    ("dst_state_batch_indices", None), ("cu_seqlens", None), ("num_accepted_tokens", None),
-)
+# ---- validation, one argument group at a time (SPEC §2, §3.6) ----
 
-
-def build_problem(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, state_batch_indices,
-                  pad_slot_id, state_scale, out, disable_state_update,
-                  intermediate_states_buffer, intermediate_state_indices,
-                  intermediate_state_scales, rand_seed, philox_rounds, cache_steps, algorithm,
-                  dst_state_batch_indices, cu_seqlens, num_accepted_tokens) -> Problem:
-    # ---- statics ----
+def _settings(pad_slot_id, dt_softplus, disable_state_update, philox_rounds, cache_steps,
+              algorithm):
+    """The static arguments (cache_steps as given; the buffer's step axis joins it later)."""
     if not isinstance(algorithm, str) or algorithm not in ALGORITHMS:
         raise ValueError(f"algorithm: expected one of {ALGORITHMS}, got {algorithm!r}")
     pad_slot_id = _static_int("pad_slot_id", pad_slot_id)
@@ -228,106 +229,115 @@ def build_problem(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, state_batch
         raise ValueError(f"philox_rounds: expected a positive number of rounds, got {philox_rounds}")
     if cache_steps < 0:
         raise ValueError(f"cache_steps: expected >= 0, got {cache_steps}")
-    dt_softplus = _static_bool("dt_softplus", dt_softplus)
-    disable_state_update = _static_bool("disable_state_update", disable_state_update)
-    for name, v in (("state", state), ("x", x), ("dt", dt), ("A", A), ("B", B), ("C", C)):
-        _required(name, v)
+    return Settings(pad_slot_id, _static_bool("dt_softplus", dt_softplus),
+                    _static_bool("disable_state_update", disable_state_update), philox_rounds,
+                    cache_steps, algorithm)
 
-    (state, x, dt, A, B, C, D, z, dt_bias, sbi, state_scale, out, inter, inter_idx, inter_scales,
-     dst, cu, nacc) = [_as_array(n, v) for n, v in zip(
-        ("state", "x", "dt", "A", "B", "C", "D", "z", "dt_bias", "state_batch_indices",
-         "state_scale", "out", "intermediate_states_buffer", "intermediate_state_indices",
-         "intermediate_state_scales", "dst_state_batch_indices", "cu_seqlens",
-         "num_accepted_tokens"),
-        (state, x, dt, A, B, C, D, z, dt_bias, state_batch_indices, state_scale, out,
-         intermediate_states_buffer, intermediate_state_indices, intermediate_state_scales,
-         dst_state_batch_indices, cu_seqlens, num_accepted_tokens))]
 
-    # ---- state ----
+@dataclasses.dataclass(frozen=True)
+class _Shape:
+    """What validation learns about the layout: state geometry and the call's mode."""
+    S: int
+    H: int
+    P: int
+    N: int
+    heads: bool          # 4-D Mamba-2 state (else 3-D Mamba-1, H = 1)
+    hp: tuple            # trailing axes of x in the caller's layout: (H, P) or (P,)
+    mode: str = ""
+    nb: int = 0
+    T: int = 0
+    lead: tuple = ()     # leading axes of x in the caller's layout
+
+
+def _state(state):
     if state.ndim not in (3, 4):
         raise ValueError(f"state: expected rank 4 (S, H, P, N) or rank 3 (S, P, N), got shape "
                          f"{tuple(state.shape)}")
     _check_dtype("state", state, STATE_DTYPES)
     heads = state.ndim == 4
-    if heads:
-        S, H, P, N = state.shape
-    else:
-        (S, P, N), H = state.shape, 1
+    S, H, P, N = state.shape if heads else (state.shape[0], 1) + tuple(state.shape[1:])
     for axis, v in (("nheads (axis 1)", H), ("dim", P), ("dstate (last axis)", N)):
         if v == 0:
             raise ValueError(f"state: {axis} must be at least 1, got shape {tuple(state.shape)}")
-    hp = (H, P) if heads else (P,)  # trailing axes of x in the user's layout
+    return _Shape(S, H, P, N, heads, (H, P) if heads else (P,))
 
-    # ---- mode, x ----
+
+def _mode(sh: _Shape, state, x, cu):
+    """stp / mtp / varlen from the ranks of x and the presence of cu_seqlens."""
     _check_dtype("x", x, FLOAT_DTYPES)
     if cu is not None:
-        mode = "varlen"
         _check_dtype("cu_seqlens", cu, INDEX_DTYPES)
         if cu.ndim != 1 or cu.shape[0] < 1:
             raise ValueError(f"cu_seqlens: expected shape (num_seqs + 1,), got {tuple(cu.shape)}")
         if x.ndim != state.ndim - 1:
-            raise ValueError(f"x: with cu_seqlens expected shape (total_tokens, {', '.join(map(str, hp))}), "
-                             f"got {tuple(x.shape)}")
-        nb, T = cu.shape[0] - 1, 0
+            raise ValueError(f"x: with cu_seqlens expected shape (total_tokens, "
+                             f"{', '.join(map(str, sh.hp))}), got {tuple(x.shape)}")
+        mode, nb, T = "varlen", cu.shape[0] - 1, 0
     elif x.ndim == state.ndim:
         mode, nb, T = "mtp", x.shape[0], x.shape[1]
     elif x.ndim == state.ndim - 1:
         mode, nb, T = "stp", x.shape[0], 1
     else:
-        want = "(b, H, P) or (b, T, H, P)" if heads else "(b, P) or (b, T, P)"
+        want = "(b, H, P) or (b, T, H, P)" if sh.heads else "(b, P) or (b, T, P)"
         raise ValueError(f"x: expected {want} for state of shape {tuple(state.shape)}, got "
                          f"{tuple(x.shape)}")
-    lead = tuple(x.shape[:x.ndim - len(hp)])
-    if tuple(x.shape[len(lead):]) != hp:
-        raise ValueError(f"x: expected trailing axes {hp} (from state {tuple(state.shape)}), got "
-                         f"shape {tuple(x.shape)}")
+    lead = tuple(x.shape[:x.ndim - len(sh.hp)])
+    if tuple(x.shape[len(lead):]) != sh.hp:
+        raise ValueError(f"x: expected trailing axes {sh.hp} (from state {tuple(state.shape)}), "
+                         f"got shape {tuple(x.shape)}")
+    return dataclasses.replace(sh, mode=mode, nb=nb, T=T, lead=lead)
 
-    # ---- per-token tensors ----
+
+def _per_token(sh: _Shape, x, dt, B, C, z, out):
+    """dt, B, C, z, out: shaped like x's leading axes; returns ngroups."""
     _check_dtype("dt", dt, FLOAT_DTYPES)
-    per_head_dt = lead + ((H,) if heads else ())
-    if heads:
-        _check_shape("dt", dt, x.shape, per_head_dt)
+    if sh.heads:
+        _check_shape("dt", dt, x.shape, sh.lead + (sh.H,))
     else:
         _check_shape("dt", dt, x.shape)
-    dt_elem = tuple(dt.shape) == tuple(x.shape)
-
     for name, arr in (("B", B), ("C", C)):
         _check_dtype(name, arr, (x.dtype,))
-        if heads:
-            if arr.ndim != len(lead) + 2 or tuple(arr.shape[:len(lead)]) != lead or arr.shape[-1] != N:
-                raise ValueError(f"{name}: expected shape {lead + ('G', N)}, got {tuple(arr.shape)}")
+        if sh.heads:
+            n = len(sh.lead)
+            if arr.ndim != n + 2 or tuple(arr.shape[:n]) != sh.lead or arr.shape[-1] != sh.N:
+                raise ValueError(f"{name}: expected shape {sh.lead + ('G', sh.N)}, got "
+                                 f"{tuple(arr.shape)}")
         else:
-            _check_shape(name, arr, lead + (N,))
+            _check_shape(name, arr, sh.lead + (sh.N,))
     if C.shape != B.shape:
         raise ValueError(f"C: expected the shape of B {tuple(B.shape)}, got {tuple(C.shape)}")
-    G = B.shape[-2] if heads else 1
+    G = B.shape[-2] if sh.heads else 1
     if G == 0:
         raise ValueError(f"B: ngroups (axis -2) must be at least 1, got shape {tuple(B.shape)}")
-    if H % G:
-        raise ValueError(f"B: ngroups (axis -2) must divide nheads={H}, got ngroups={G}")
+    if sh.H % G:
+        raise ValueError(f"B: ngroups (axis -2) must divide nheads={sh.H}, got ngroups={G}")
     for name, arr in (("z", z), ("out", out)):
         if arr is not None:
             _check_dtype(name, arr, (x.dtype,))
             _check_shape(name, arr, x.shape)
+    return G
 
-    # ---- parameters ----
+
+def _parameters(sh: _Shape, A, D, dt_bias, dt):
+    """A (any float), D and dt_bias (dt's dtype): per head or per element."""
     if not jnp.issubdtype(A.dtype, jnp.floating):
         raise TypeError(f"A: expected a floating dtype, got {A.dtype}")
-    if heads:
-        _check_shape("A", A, (H,), (H, P, N))
+    if sh.heads:
+        _check_shape("A", A, (sh.H,), (sh.H, sh.P, sh.N))
     else:
-        _check_shape("A", A, (P, N))
-    A_elem = A.ndim != 1
+        _check_shape("A", A, (sh.P, sh.N))
     for name, arr in (("D", D), ("dt_bias", dt_bias)):
         if arr is None:
             continue
         _check_dtype(name, arr, (dt.dtype,))
-        if heads:
-            _check_shape(name, arr, (H,), (H, P))
+        if sh.heads:
+            _check_shape(name, arr, (sh.H,), (sh.H, sh.P))
         else:
-            _check_shape(name, arr, (P,))
+            _check_shape(name, arr, (sh.P,))
 
-    # ---- indices ----
+
+def _indices(sh: _Shape, st: Settings, sbi, dst, inter_idx, nacc):
+    """Index arrays: one dtype, widths, pad_slot_id in range, num_accepted_tokens' needs."""
     idx_dtype = None
     for name, arr in (("state_batch_indices", sbi), ("dst_state_batch_indices", dst),
                       ("intermediate_state_indices", inter_idx)):
@@ -337,26 +347,28 @@ def build_problem(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, state_batch
         if idx_dtype is None:
             idx_dtype = (name, arr.dtype)
         elif arr.dtype != idx_dtype[1]:
-            raise TypeError(f"{name}: expected the dtype of {idx_dtype[0]} ({idx_dtype[1]}), got {arr.dtype}")
+            raise TypeError(f"{name}: expected the dtype of {idx_dtype[0]} ({idx_dtype[1]}), "
+                            f"got {arr.dtype}")
+    nb, T = sh.nb, sh.T
     for name, arr in (("state_batch_indices", sbi), ("dst_state_batch_indices", dst)):
         if arr is None:
             continue
         if arr.ndim not in (1, 2) or arr.shape[0] != nb:
             raise ValueError(f"{name}: expected shape ({nb},) or ({nb}, K), got {tuple(arr.shape)}")
         if arr.ndim == 2 and arr.shape[1] == 0:
-            raise ValueError(f"{name}: a 2-D index array needs width K >= 1 (one column per step), "
-                             f"got shape {tuple(arr.shape)}")
-        if mode == "mtp" and arr.ndim == 2 and arr.shape[1] < T:
-            raise ValueError(f"{name}: expected a 2-D index array of width K >= T={T}, got shape "
-                             f"{tuple(arr.shape)}")
-    lo, hi = _INT_RANGE[np.dtype(idx_dtype[1])] if idx_dtype else _INT_RANGE[np.dtype(np.int64)]
-    if not lo <= pad_slot_id <= hi:
+            raise ValueError(f"{name}: a 2-D index array needs width K >= 1 (one column per "
+                             f"step), got shape {tuple(arr.shape)}")
+        if sh.mode == "mtp" and arr.ndim == 2 and arr.shape[1] < T:
+            raise ValueError(f"{name}: expected a 2-D index array of width K >= T={T}, got "
+                             f"shape {tuple(arr.shape)}")
+    lo, hi = _INT_RANGE[np.dtype(idx_dtype[1] if idx_dtype else np.int64)]
+    if not lo <= st.pad_slot_id <= hi:
         what = f"the range of the index dtype {idx_dtype[1]}" if idx_dtype else "int64"
         raise ValueError(f"pad_slot_id: expected a value within {what} [{lo}, {hi}], got "
-                         f"{pad_slot_id}")
-    if sbi is None and nb > S:
-        raise ValueError(f"state: without state_batch_indices the cache needs at least batch={nb} "
-                         f"slots, got {S}")
+                         f"{st.pad_slot_id}")
+    if sbi is None and nb > sh.S:
+        raise ValueError(f"state: without state_batch_indices the cache needs at least "
+                         f"batch={nb} slots, got {sh.S}")
     if nacc is not None:
         if sbi is None or sbi.ndim != 2:
             raise ValueError("num_accepted_tokens: requires a 2-D state_batch_indices, got "
@@ -364,89 +376,155 @@ def build_problem(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, state_batch
         _check_dtype("num_accepted_tokens", nacc, INDEX_DTYPES)
         _check_shape("num_accepted_tokens", nacc, (nb,))
 
-    # ---- int16 scales ----
-    scale_shape = None
+
+def _state_scale(sh: _Shape, state, state_scale):
+    """int16 states need float32 scales (S, H, P) (or with a trailing 1); others none."""
     if state.dtype == np.int16:
         if state_scale is None:
             raise ValueError("state_scale: required for an int16 state, got None")
         _check_dtype("state_scale", state_scale, (jnp.float32,))
-        want = (S, H, P) if heads else (S, P)
+        want = (sh.S, sh.H, sh.P) if sh.heads else (sh.S, sh.P)
         _check_shape("state_scale", state_scale, want, want + (1,))
-        scale_shape = tuple(state_scale.shape)
     elif state_scale is not None:
-        raise ValueError(f"state_scale: only allowed with an int16 state, got state dtype {state.dtype}")
+        raise ValueError(f"state_scale: only allowed with an int16 state, got state dtype "
+                         f"{state.dtype}")
 
-    # ---- intermediate buffer ----
-    inter_shape = inter_scales_shape = None
-    max_len = cache_steps if cache_steps > 0 else None  # None: no limit
-    if inter is not None:
-        if dst is not None:
-            raise ValueError("dst_state_batch_indices: cannot be combined with "
-                             "intermediate_states_buffer (choose one write mode)")
-        _check_dtype("intermediate_states_buffer", inter, (state.dtype,))
-        if inter.ndim != (5 if heads else 4) or tuple(inter.shape[2:]) != tuple(state.shape[1:]):
-            want = ("I", "cache_steps") + tuple(state.shape[1:])
-            raise ValueError(f"intermediate_states_buffer: expected shape {want}, got {tuple(inter.shape)}")
-        I, CS = inter.shape[:2]
-        if CS == 0:
-            raise ValueError("intermediate_states_buffer: expected a step axis (axis 1) of at least "
-                             f"1, got shape {tuple(inter.shape)}")
-        if cache_steps not in (0, CS):
-            raise ValueError(f"cache_steps: expected 0 or the buffer's step axis {CS}, got {cache_steps}")
-        max_len = CS
-        if inter_idx is None and nb > I:
-            raise ValueError(f"intermediate_states_buffer: without intermediate_state_indices it "
-                             f"needs at least batch={nb} rows, got {I}")
-        if inter_idx is not None:
-            _check_shape("intermediate_state_indices", inter_idx, (nb,))
-        inter_shape = tuple(inter.shape)
-        if state.dtype == np.int16:
-            if inter_scales is None:
-                raise ValueError("intermediate_state_scales: required for an int16 "
-                                 "intermediate_states_buffer, got None")
-            _check_dtype("intermediate_state_scales", inter_scales, (jnp.float32,))
-            _check_shape("intermediate_state_scales", inter_scales, (I, CS) + tuple(hp))
-            inter_scales_shape = tuple(inter_scales.shape)
-        elif inter_scales is not None:
-            raise ValueError("intermediate_state_scales: only allowed with an int16 buffer, got "
-                             f"buffer dtype {inter.dtype}")
-    else:
+
+def _intermediates(sh: _Shape, st: Settings, state, inter, inter_idx, inter_scales, dst):
+    """The intermediate-state buffer and its indices / scales; returns the longest allowed
+    sequence (cache_steps or the buffer's step axis; None: no limit)."""
+    max_len = st.cache_steps if st.cache_steps > 0 else None
+    if inter is None:
         for name, arr in (("intermediate_state_indices", inter_idx),
                           ("intermediate_state_scales", inter_scales)):
             if arr is not None:
                 raise ValueError(f"{name}: given without intermediate_states_buffer")
-    if mode == "mtp" and max_len and T > max_len:
-        raise ValueError(f"x: T={T} steps exceed cache_steps={max_len}")
+        return max_len
+    if dst is not None:
+        raise ValueError("dst_state_batch_indices: cannot be combined with "
+                         "intermediate_states_buffer (choose one write mode)")
+    _check_dtype("intermediate_states_buffer", inter, (state.dtype,))
+    if inter.ndim != (5 if sh.heads else 4) or tuple(inter.shape[2:]) != tuple(state.shape[1:]):
+        want = ("I", "cache_steps") + tuple(state.shape[1:])
+        raise ValueError(f"intermediate_states_buffer: expected shape {want}, got "
+                         f"{tuple(inter.shape)}")
+    I, CS = inter.shape[:2]
+    if CS == 0:
+        raise ValueError("intermediate_states_buffer: expected a step axis (axis 1) of at "
+                         f"least 1, got shape {tuple(inter.shape)}")
+    if st.cache_steps not in (0, CS):
+        raise ValueError(f"cache_steps: expected 0 or the buffer's step axis {CS}, got "
+                         f"{st.cache_steps}")
+    if inter_idx is None and sh.nb > I:
+        raise ValueError(f"intermediate_states_buffer: without intermediate_state_indices it "
+                         f"needs at least batch={sh.nb} rows, got {I}")
+    if inter_idx is not None:
+        _check_shape("intermediate_state_indices", inter_idx, (sh.nb,))
+    if state.dtype == np.int16:
+        if inter_scales is None:
+            raise ValueError("intermediate_state_scales: required for an int16 "
+                             "intermediate_states_buffer, got None")
+        _check_dtype("intermediate_state_scales", inter_scales, (jnp.float32,))
+        _check_shape("intermediate_state_scales", inter_scales, (I, CS) + tuple(sh.hp))
+    elif inter_scales is not None:
+        raise ValueError("intermediate_state_scales: only allowed with an int16 buffer, got "
+                         f"buffer dtype {inter.dtype}")
+    return CS
 
-    # ---- stochastic rounding ----
-    seed = None
-    if rand_seed is not None:
-        if state.dtype not in (np.float16, jnp.bfloat16):
-            raise ValueError(f"rand_seed: stochastic rounding expected a float16 or bfloat16 "
-                             f"state, got state dtype {state.dtype}")
-        seed = seed_words("rand_seed", rand_seed)
 
-    # ---- canonical layout ----
-    canon_lead = (nb, T) if mode == "stp" else lead
-    x_shape = tuple(x.shape)
-    xc = x.reshape(canon_lead + (H, P))
-    if dt_elem:
-        dtc = dt.reshape(canon_lead + (H, P))
-    else:
-        dtc = dt.reshape(canon_lead + (H,))
-    Bc, Cc = (a.reshape(canon_lead + (G, N)) for a in (B, C))
-    zc = None if z is None else z.reshape(xc.shape)
+def _rand_seed(state, rand_seed):
+    if rand_seed is None:
+        return None
+    if state.dtype not in (np.float16, jnp.bfloat16):
+        raise ValueError(f"rand_seed: stochastic rounding expected a float16 or bfloat16 "
+                         f"state, got state dtype {state.dtype}")
+    return seed_words("rand_seed", rand_seed)
+
+
+# ---- canonical layout ----
+
+def canonicalise(sh: _Shape, st: Settings, a: dict):
+    """(Problem, Restore) from validated arguments `a` (public names -> arrays or None).
+    Inputs are only reshaped (free in XLA); the aliased buffers keep the caller's shapes."""
+    H, P, N = sh.H, sh.P, sh.N
+    lead = (sh.nb, sh.T) if sh.mode == "stp" else sh.lead
+    x, dt, A, D, bias = a["x"], a["dt"], a["A"], a["D"], a["dt_bias"]
+    G = a["B"].shape[-2] if sh.heads else 1
+    per_elem = lambda v: v.ndim == 2 or not sh.heads  # noqa: E731 - D / dt_bias (H, P)
     A32 = A.astype(jnp.float32)
-    Ac = A32.reshape(H, P, N) if A_elem else A32
-    Dc = None if D is None else D.reshape((H, P) if (D.ndim == 2 or not heads) else (H,))
-    bc = None if dt_bias is None else dt_bias.reshape(
-        (H, P) if (dt_bias.ndim == 2 or not heads) else (H,))
-    return Problem(
-        state=state, x=xc, dt=dtc, A=Ac, B=Bc, C=Cc, D=Dc, z=zc, dt_bias=bc,
-        sbi=sbi, dst=dst, state_scale=state_scale, out=out, inter=inter, inter_idx=inter_idx,
-        inter_scales=inter_scales, cu_seqlens=cu, nacc=nacc, seed=seed, pad_slot_id=pad_slot_id,
-        dt_softplus=dt_softplus, disable_state_update=disable_state_update,
-        philox_rounds=philox_rounds, cache_steps=max_len, algorithm=algorithm, dims=(S, H, P, N),
-        mode=mode, nb=nb, T=T,
-        x_shape=x_shape, state_shape=tuple(state.shape), scale_shape=scale_shape,
-        inter_shape=inter_shape, inter_scales_shape=inter_scales_shape)
+    canon = dict(a,
+                 x=x.reshape(lead + (H, P)),
+                 dt=dt.reshape(lead + ((H, P) if dt.shape == x.shape else (H,))),
+                 B=a["B"].reshape(lead + (G, N)), C=a["C"].reshape(lead + (G, N)),
+                 z=None if a["z"] is None else a["z"].reshape(lead + (H, P)),
+                 A=A32 if A.ndim == 1 else A32.reshape(H, P, N),
+                 D=None if D is None else D.reshape((H, P) if per_elem(D) else (H,)),
+                 dt_bias=None if bias is None else bias.reshape((H, P) if per_elem(bias) else (H,)))
+    pb = Problem(**canon, settings=st, dims=(sh.S, H, P, N), mode=sh.mode, nb=sh.nb, T=sh.T)
+    shape = lambda v: None if v is None else tuple(v.shape)  # noqa: E731
+    restore = Restore(tuple(x.shape), tuple(a["state"].shape), shape(a["state_scale"]),
+                      shape(a["intermediate_states_buffer"]), shape(a["intermediate_state_scales"]))
+    return pb, restore
+
+
+_ARRAYS = ("state", "x", "dt", "A", "B", "C", "D", "z", "dt_bias", "state_batch_indices",
+           "dst_state_batch_indices", "state_scale", "out", "intermediate_states_buffer",
+           "intermediate_state_indices", "intermediate_state_scales", "cu_seqlens",
+           "num_accepted_tokens")
+
+
+def build_problem(**args):
+    """Validates the public arguments (by name, as in SIGNATURE) and returns (Problem, Restore)."""
+    st = _settings(*(args[n] for n in ("pad_slot_id", "dt_softplus", "disable_state_update",
+                                       "philox_rounds", "cache_steps", "algorithm")))
+    for name in ("state", "x", "dt", "A", "B", "C"):
+        _required(name, args[name])
+    a = {name: _as_array(name, args[name]) for name in _ARRAYS}
+    sh = _mode(_state(a["state"]), a["state"], a["x"], a["cu_seqlens"])
+    _per_token(sh, a["x"], a["dt"], a["B"], a["C"], a["z"], a["out"])
+    _parameters(sh, a["A"], a["D"], a["dt_bias"], a["dt"])
+    _indices(sh, st, a["state_batch_indices"], a["dst_state_batch_indices"],
+             a["intermediate_state_indices"], a["num_accepted_tokens"])
+    _state_scale(sh, a["state"], a["state_scale"])
+    max_len = _intermediates(sh, st, a["state"], a["intermediate_states_buffer"],
+                             a["intermediate_state_indices"], a["intermediate_state_scales"],
+                             a["dst_state_batch_indices"])
+    if sh.mode == "mtp" and max_len and sh.T > max_len:
+        raise ValueError(f"x: T={sh.T} steps exceed cache_steps={max_len}")
+    a["rand_seed"] = _rand_seed(a["state"], args["rand_seed"])
+    return canonicalise(sh, dataclasses.replace(st, cache_steps=max_len), a)
+
+
+# The public signature (names, order, defaults) of selective_state_update, its reference and
+# its checked variant: written once, in `public_function`. None marks a required argument.
+def selective_state_update(  # named so that a bad call's TypeError names the function
+    state, x, dt, A, B, C, D, z=None, dt_bias=None, dt_softplus=False,
+    state_batch_indices=None, pad_slot_id=-1, state_scale=None, out=None,
+    disable_state_update=False, intermediate_states_buffer=None,
+    intermediate_state_indices=None, intermediate_state_scales=None,
+    rand_seed=None, philox_rounds=10, cache_steps=0, algorithm="auto",
+    dst_state_batch_indices=None, cu_seqlens=None, num_accepted_tokens=None,
+):
+    return dict(locals())
+
+
+_signature_template = selective_state_update
+del selective_state_update
+
+SIGNATURE = tuple((name, None if p.default is inspect.Parameter.empty else p.default)
+                  for name, p in inspect.signature(_signature_template).parameters.items())
+
+
+def public_function(run, module, doc):
+    """The public function: THE signature, validation and canonicalisation, then
+    `run(problem, restore)`."""
+    @functools.wraps(_signature_template)
+    def selective_state_update(*args, **kwargs):
+        pb, restore = build_problem(**_signature_template(*args, **kwargs))
+        return run(pb, restore)
+
+    selective_state_update.__module__ = module
+    selective_state_update.__qualname__ = selective_state_update.__name__ = "selective_state_update"
+    selective_state_update.__doc__ = doc
+    selective_state_update.__annotations__ = {"return": SSUResult}
+    return selective_state_update

@@ -22,42 +22,32 @@ import jax.numpy as jnp
 from jax.experimental import checkify
 
 from . import ops
-from ._problem import SIGNATURE, build_problem
+from ._problem import public_function
 from .reference import _resolve
 
 
-def _bind(args, kwargs):
-    names = [n for n, _ in SIGNATURE]
-    if len(args) > len(names):
-        raise TypeError(f"selective_state_update: expected at most {len(names)} positional "
-                        f"arguments, got {len(args)}")
-    bound = dict(SIGNATURE)
-    bound.update(zip(names, args))
-    for k, v in kwargs.items():
-        if k not in bound:
-            raise TypeError(f"selective_state_update: unexpected keyword argument {k!r}")
-        bound[k] = v
-    return bound
-
-
-def runtime_faults(*args, **kwargs):
-    """Same arguments as selective_state_update. Returns {description: bool array (entries,)}
-    marking the entries whose runtime data is invalid (their outputs would be NaN)."""
-    bound = _bind(args, kwargs)
-    pb = build_problem(*[bound[n] for n, _ in SIGNATURE])
+def _faults(pb, restore):
     return _resolve(pb)["faults"]
 
 
-def checked_selective_state_update(*args, **kwargs):
-    """selective_state_update preceded by checkify checks of its runtime indices, cu_seqlens
-    and num_accepted_tokens. Must run under jax.experimental.checkify.checkify (or use
-    jax_mamba.checked, which does that and raises)."""
-    for what, bad in runtime_faults(*args, **kwargs).items():
+runtime_faults = public_function(_faults, __name__, """Same arguments as selective_state_update.
+Returns {description: bool array (entries,)} marking the entries whose runtime data is invalid
+(their outputs would be NaN).""")
+
+
+def _checked_call(pb, restore):
+    for what, bad in _resolve(pb)["faults"].items():
         if bad.shape[0] == 0:
             continue
         checkify.check(~jnp.any(bad), "selective_state_update: {n} invalid entries, first "
                        "entry {b}: " + what, n=jnp.sum(bad), b=jnp.argmax(bad))
-    return ops.selective_state_update(*args, **kwargs)
+    return ops._call(pb, restore)
+
+
+checked_selective_state_update = public_function(_checked_call, __name__, """selective_state_update
+preceded by checkify checks of its runtime indices, cu_seqlens and num_accepted_tokens. Must run
+under jax.experimental.checkify.checkify (or use jax_mamba.checked, which does that and
+raises).""")
 
 
 def checked(fn):

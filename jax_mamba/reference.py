@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from ._problem import Problem, SSUResult, build_problem
+from ._problem import Problem, public_function
 
 _U32 = jnp.uint32
 
@@ -80,10 +80,10 @@ def _encode(pb: Problem, s, elem0, t, kind):
         scale = jnp.where(amax > 0, amax / 32767.0, 1.0)
         q = jnp.rint(jnp.clip(s / scale[..., None], -32767.0, 32767.0)).astype(jnp.int16)
         return q, scale
-    if pb.seed is None or dtype == jnp.float32:
+    if pb.rand_seed is None or dtype == jnp.float32:
         return s.astype(dtype), None
     elem = elem0[..., None] + jnp.arange(pb.N, dtype=elem0.dtype)
-    rnd = sr_bits(elem, t, kind, pb.seed, pb.philox_rounds)
+    rnd = sr_bits(elem, t, kind, pb.rand_seed, pb.settings.philox_rounds)
     return (_to_bf16_sr(s, rnd) if dtype == jnp.bfloat16 else _to_f16_sr(s, rnd)), None
 
 
@@ -91,7 +91,7 @@ def _resolve(pb: Problem):
     """Vectorised ssu::resolve_entry: per entry (row0, len, src, padded, ii, ok, ...) and, in
     `faults`, one boolean array per kind of invalid runtime data (jax_mamba.checked reports
     them)."""
-    nb, S, pad = pb.nb, pb.S, pb.pad_slot_id
+    nb, S, pad = pb.nb, pb.S, pb.settings.pad_slot_id
     rows = pb.x.shape[0] * (pb.T if pb.mode != "varlen" else 1)
     b = jnp.arange(nb)
     faults = {}
@@ -114,36 +114,36 @@ def _resolve(pb: Problem):
     else:
         row0, length = b * pb.T, jnp.full((nb,), pb.T)
         bad_lo = bad_hi = row0
-    if pb.cache_steps is not None:
-        faults["sequence longer than cache_steps"] = length > pb.cache_steps
-    for name, idx in (("state_batch_indices", pb.sbi), ("dst_state_batch_indices", pb.dst)):
+    if pb.settings.cache_steps is not None:
+        faults["sequence longer than cache_steps"] = length > pb.settings.cache_steps
+    for name, idx in (("state_batch_indices", pb.state_batch_indices), ("dst_state_batch_indices", pb.dst_state_batch_indices)):
         if idx is not None and idx.ndim == 2:
             faults[f"sequence longer than the width of {name}"] = length > idx.shape[1]
     padded = jnp.zeros((nb,), bool)
     src = b
-    if pb.sbi is not None:
-        K = pb.sbi.shape[1] if pb.sbi.ndim == 2 else 1
+    if pb.state_batch_indices is not None:
+        K = pb.state_batch_indices.shape[1] if pb.state_batch_indices.ndim == 2 else 1
         col = jnp.zeros((nb,), jnp.int32)
-        if pb.nacc is not None:
-            faults["num_accepted_tokens outside [0, K]"] = ~((pb.nacc >= 0) & (pb.nacc <= K))
-            col = jnp.maximum(pb.nacc - 1, 0).astype(jnp.int32)
-        table = pb.sbi.reshape(nb, K)
+        if pb.num_accepted_tokens is not None:
+            faults["num_accepted_tokens outside [0, K]"] = ~((pb.num_accepted_tokens >= 0) & (pb.num_accepted_tokens <= K))
+            col = jnp.maximum(pb.num_accepted_tokens - 1, 0).astype(jnp.int32)
+        table = pb.state_batch_indices.reshape(nb, K)
         v = jnp.take_along_axis(table, jnp.clip(col, 0, K - 1)[:, None], axis=1)[:, 0]
         padded = v == pad
         faults["state_batch_indices: slot outside [0, S) and not pad_slot_id"] = ~(
             padded | ((v >= 0) & (v < S)))
         src = v
     ii = jnp.full((nb,), -1)
-    if pb.inter is not None:
-        I = pb.inter.shape[0]
-        cand = pb.inter_idx if pb.inter_idx is not None else b
-        skip = (cand == pad) if pb.inter_idx is not None else jnp.zeros((nb,), bool)
+    if pb.intermediate_states_buffer is not None:
+        I = pb.intermediate_states_buffer.shape[0]
+        cand = pb.intermediate_state_indices if pb.intermediate_state_indices is not None else b
+        skip = (cand == pad) if pb.intermediate_state_indices is not None else jnp.zeros((nb,), bool)
         faults["intermediate_state_indices: row outside [0, I) and not pad_slot_id"] = ~(
             padded | skip | ((cand >= 0) & (cand < I)))
         ii = jnp.where(padded | skip, -1, cand)
     e = dict(row0=row0, len=length, src=src, padded=padded, ii=ii, ok_bounds=ok_bounds,
              bad_lo=bad_lo, bad_hi=bad_hi, rows=rows)
-    if pb.dst is not None and not pb.disable_state_update:
+    if pb.dst_state_batch_indices is not None and not pb.settings.disable_state_update:
         faults["dst_state_batch_indices: slot outside [0, S) and not pad_slot_id"] = _dst_bad(pb, e)
     # a zero-length sequence reads and writes nothing, so nothing about it is checked
     # beyond its bounds (as in ssu::resolve_entry)
@@ -159,9 +159,9 @@ def _resolve(pb: Problem):
 def _dst_bad(pb: Problem, e):
     """Entries that would write a dst slot outside [0, S) at a step they run."""
     bad = jnp.zeros((pb.nb,), bool)
-    steps = pb.dst.shape[1] if pb.dst.ndim == 2 else 1
+    steps = pb.dst_state_batch_indices.shape[1] if pb.dst_state_batch_indices.ndim == 2 else 1
     for t in range(steps):
-        tt = t if pb.dst.ndim == 2 else e["len"] - 1
+        tt = t if pb.dst_state_batch_indices.ndim == 2 else e["len"] - 1
         raw, happens = _state_write(pb, e, tt)
         used = happens & (tt < e["len"]) & (tt >= 0)
         bad |= used & ~((raw >= 0) & (raw < pb.S))
@@ -171,25 +171,26 @@ def _dst_bad(pb: Problem, e):
 def _state_write(pb: Problem, e, t):
     """Raw index written after step t (per entry) and whether a write happens."""
     last = t == e["len"] - 1
-    if pb.dst is not None:
-        if pb.dst.ndim == 2:
-            raw = pb.dst[:, jnp.minimum(t, pb.dst.shape[1] - 1)]
+    if pb.dst_state_batch_indices is not None:
+        if pb.dst_state_batch_indices.ndim == 2:
+            raw = pb.dst_state_batch_indices[:, jnp.minimum(t, pb.dst_state_batch_indices.shape[1] - 1)]
             happens = t < e["len"]
         else:
-            raw, happens = pb.dst, last
-        happens = happens & (raw != pb.pad_slot_id)
+            raw, happens = pb.dst_state_batch_indices, last
+        happens = happens & (raw != pb.settings.pad_slot_id)
     else:
         raw, happens = e["src"], last
-    happens = happens & ~e["padded"] & (not pb.disable_state_update)
+    happens = happens & ~e["padded"] & (not pb.settings.disable_state_update)
     return raw, happens
 
 
-def _run(pb: Problem) -> SSUResult:
+def _run(pb: Problem):
+    """Canonical results (out, state, state_scale, intermediates, their scales) of pb."""
     H, P, N, G, nb, S = pb.H, pb.P, pb.N, pb.G, pb.nb, pb.S
     e = _resolve(pb)
     rows = e["rows"]
     if pb.mode == "varlen":
-        steps = pb.cache_steps if pb.cache_steps is not None else min([rows] + [i.shape[1] for i in (pb.sbi, pb.dst)
+        steps = pb.settings.cache_steps if pb.settings.cache_steps is not None else min([rows] + [i.shape[1] for i in (pb.state_batch_indices, pb.dst_state_batch_indices)
                                              if i is not None and i.ndim == 2])
     else:
         steps = pb.T
@@ -203,10 +204,10 @@ def _run(pb: Problem) -> SSUResult:
     state = pb.state.reshape(S, H, P, N)
     scale = None if pb.state_scale is None else pb.state_scale.reshape(S, H, P)
     inter = iscale = None
-    if pb.inter is not None:
-        I, CS = pb.inter.shape[:2]
-        inter = pb.inter.reshape(I, CS, H, P, N)
-        iscale = None if pb.inter_scales is None else pb.inter_scales.reshape(I, CS, H, P)
+    if pb.intermediate_states_buffer is not None:
+        I, CS = pb.intermediate_states_buffer.shape[:2]
+        inter = pb.intermediate_states_buffer.reshape(I, CS, H, P, N)
+        iscale = None if pb.intermediate_state_scales is None else pb.intermediate_state_scales.reshape(I, CS, H, P)
     src = jnp.clip(e["src"], 0, S - 1)
     s = state[src].astype(jnp.float32)
     if scale is not None:
@@ -235,7 +236,7 @@ def _run(pb: Problem) -> SSUResult:
         d = d[..., None] if d.ndim == 2 else d                       # (nb,H,1|P)
         if bias is not None:
             d = d + bias
-        if pb.dt_softplus:
+        if pb.settings.dt_softplus:
             d = jnp.where(d <= 20.0, jnp.log1p(jnp.exp(d)), d)
         Bv = jnp.repeat(Bm[row].astype(jnp.float32), heads_per_group, axis=1)  # (nb,H,N)
         Cv = jnp.repeat(Cm[row].astype(jnp.float32), heads_per_group, axis=1)
@@ -279,21 +280,9 @@ def _run(pb: Problem) -> SSUResult:
     r = jnp.arange(rows)[:, None]
     bad = jnp.any((~ok)[None, :] & (r >= lo[None, :]) & (r < hi[None, :]), axis=1)
     out = jnp.where(bad[:, None, None], jnp.nan, out).astype(pb.x.dtype)
-    return pb.result(out, state, scale, inter, iscale)
+    return out, state, scale, inter, iscale
 
 
-def selective_state_update(
-    state, x, dt, A, B, C, D, z=None, dt_bias=None, dt_softplus=False,
-    state_batch_indices=None, pad_slot_id=-1, state_scale=None, out=None,
-    disable_state_update=False, intermediate_states_buffer=None,
-    intermediate_state_indices=None, intermediate_state_scales=None,
-    rand_seed=None, philox_rounds=10, cache_steps=0, algorithm="auto",
-    dst_state_batch_indices=None, cu_seqlens=None, num_accepted_tokens=None,
-) -> SSUResult:
-    """Pure-jnp twin of :func:`jax_mamba.selective_state_update` (same arguments and result)."""
-    pb = build_problem(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, state_batch_indices,
-                       pad_slot_id, state_scale, out, disable_state_update,
-                       intermediate_states_buffer, intermediate_state_indices,
-                       intermediate_state_scales, rand_seed, philox_rounds, cache_steps,
-                       algorithm, dst_state_batch_indices, cu_seqlens, num_accepted_tokens)
-    return _run(pb)
+selective_state_update = public_function(
+    lambda pb, restore: restore(*_run(pb)), __name__,
+    """Pure-jnp twin of :func:`jax_mamba.selective_state_update` (same arguments and result).""")

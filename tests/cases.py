@@ -95,6 +95,8 @@ def make_case(cfg: Cfg, rng):
     # distinct slots: sources, then destinations, never shared between entries
     K = steps + 1
     perm = rng.permutation(S)
+    if cfg.sbi == "none":  # entry i reads slot i: destinations come from the other slots
+        perm = np.concatenate([np.arange(b), b + rng.permutation(S - b)])
     need = b * (K if cfg.sbi == "2d" else 1)
     assert S >= need + (b * K if cfg.dst != "none" else 0), "cache too small for the case"
     if cfg.sbi != "none":

@@ -19,23 +19,25 @@ MODULES = [("cpu", _cpu)] + ([("cuda", _ffi._cuda)] if jax_mamba.HAS_CUDA else [
 @pytest.mark.parametrize("platform,module", MODULES, ids=[m[0] for m in MODULES])
 def test_python_tables_equal_the_compiled_contract(platform, module):
     c = module.contract()
-    assert c["operands"] == [name for name, _ in _contract.OPERANDS]
-    assert c["optional"] == [name for name, _ in _contract.OPTIONAL]
+    assert c["operands"] == list(_contract.OPERANDS)
+    assert c["optional"] == list(_contract.OPTIONAL)
     assert c["results"] == list(_contract.RESULTS)
     assert c["attributes"] == [(name, t.__name__) for name, t in _contract.ATTRIBUTES]
 
 
 def test_every_problem_field_is_an_operand():
-    """The Problem fields named by the contract exist, and each result aliases an operand."""
+    """Operands are the public arguments and the Problem fields, by the same names; each
+    result aliases an operand."""
     fields = {f.name for f in dataclasses.fields(Problem)}
-    assert {field for _, field in _contract.OPERANDS} <= fields
-    assert set(_contract.RESULTS) <= {name for name, _ in _contract.OPERANDS}
+    assert set(_contract.OPERANDS) <= fields
+    assert set(_contract.OPERANDS) - {"rand_seed"} <= {name for name, _ in SIGNATURE}
+    assert set(_contract.RESULTS) <= set(_contract.OPERANDS)
 
 
 def _frame(**cfg):
     kw = make_case(Cfg(**cfg), np.random.default_rng(0))
-    args = [kw.get(name, default) for name, default in SIGNATURE]
-    return _contract.frame(build_problem(*args))
+    pb, _ = build_problem(**{name: kw.get(name, default) for name, default in SIGNATURE})
+    return _contract.frame(pb)
 
 
 def _run(operands, results, aliases, attrs):
@@ -84,7 +86,7 @@ def test_a_flag_that_hides_a_real_operand_is_rejected():
 
 def test_absent_operands_are_empty_placeholders_flagged_absent():
     operands, _, aliases, attrs = _frame(D=False, sbi="none")
-    names = [name for name, _ in _contract.OPERANDS]
+    names = list(_contract.OPERANDS)
     for name in ("D", "z", "state_batch_indices", "cu_seqlens", "rand_seed"):
         assert attrs[f"has_{name}"] is False
         assert operands[names.index(name)].shape == (0,)

@@ -51,11 +51,11 @@ from cases import Cfg, make_case, to_device
 dev = jax.devices({platform!r})[0]
 cfg = Cfg(mode={mode!r}, sbi="2d", dst={dst!r}, inter={inter!r}, S=40, b=3, T=2)
 kw = to_device(make_case(cfg, np.random.default_rng(0)), dev)
-pb = _problem.build_problem(*[kw.get(n, d) for n, d in _problem.SIGNATURE])
+pb, restore = _problem.build_problem(**{{n: kw.get(n, d) for n, d in _problem.SIGNATURE}})
 state0 = np.asarray(pb.state).copy()
 {edit}
 with jax.default_device(dev):
-    res = ops._call(pb)
+    res = ops._call(pb, restore)
 out = np.asarray(res.out, np.float32)
 # nothing may be written anywhere; every entry with a step is NaN (varlen: empty sequences
 # and rows no sequence owns are 0)
@@ -66,14 +66,16 @@ if {mode!r} != "varlen":
 print("ok")
 """
 
-_INTER0 = "pb.inter = pb.inter[:, :0]; pb.inter_shape = pb.inter.shape; pb.cache_steps = 0"
+_INTER0 = ("pb.intermediate_states_buffer = pb.intermediate_states_buffer[:, :0]; "
+           "restore = dataclasses.replace(restore, inter_shape=pb.intermediate_states_buffer.shape); "
+           "pb.settings = dataclasses.replace(pb.settings, cache_steps=None)")
 RAW_CASES = {
     "sbi_width0_stp": dict(mode="stp", dst="none", inter="none",
-                           edit="pb.sbi = pb.sbi[:, :0]"),
+                           edit="pb.state_batch_indices = pb.state_batch_indices[:, :0]"),
     "sbi_width0_varlen": dict(mode="varlen", dst="none", inter="none",
-                              edit="pb.sbi = pb.sbi[:, :0]"),
+                              edit="pb.state_batch_indices = pb.state_batch_indices[:, :0]"),
     "dst_width0_stp": dict(mode="stp", dst="2d", inter="none",
-                           edit="pb.dst = pb.dst[:, :0]"),
+                           edit="pb.dst_state_batch_indices = pb.dst_state_batch_indices[:, :0]"),
     "inter_steps0_stp": dict(mode="stp", dst="none", inter="idx",
                              edit=_INTER0),
     "inter_steps0_mtp": dict(mode="mtp", dst="none", inter="idx",

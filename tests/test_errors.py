@@ -131,21 +131,26 @@ def test_algorithm_on_cpu_is_validated_and_ignored(algorithm):
     ("horizontal", 12, "f32", True), ("horizontal", 12, "bf16", False),
     ("horizontal", 1028, "f32", False), ("horizontal", 512, "bf16", True),
     ("simple", 13, "bf16", True), ("auto", 13, "f32", True)])
-def test_algorithm_rules_for_cuda(algorithm, N, state, ok):
-    """The CUDA restrictions apply when the target platform is a GPU (checked here directly)."""
-    from jax_mamba._problem import build_problem
-    from jax_mamba.ops import check_algorithm
+def test_algorithm_rules_for_cuda(algorithm, N, state, ok, monkeypatch):
+    """The CUDA planner's restrictions apply when lowering for CUDA (here cross-lowered with
+    jax.export, as a GPU machine would lower), never for the CPU."""
+    from jax import export
     kw = base(N=N, state=state)
     kw["algorithm"] = algorithm
-    import inspect
-    names = list(inspect.signature(jax_mamba.selective_state_update).parameters)
-    pb = build_problem(*[kw.get(n, inspect.signature(jax_mamba.selective_state_update)
-                                .parameters[n].default) for n in names])
-    check_algorithm(pb, "cpu")
+    arrays = {k: v for k, v in kw.items() if hasattr(v, "shape")}
+    static = {k: v for k, v in kw.items() if k not in arrays}
+    f = jax.jit(lambda a: jax_mamba.selective_state_update(**a, **static))
+
+    def lower(platform):
+        return export.export(f, platforms=[platform], disabled_checks=[
+            export.DisabledSafetyCheck.custom_call("jax_mamba_ssu")])(arrays)
+
+    lower("cpu")
+    monkeypatch.setattr(jax_mamba._ffi, "HAS_CUDA", True)  # lowering needs no CUDA module
     if ok:
-        check_algorithm(pb, "gpu")
+        lower("cuda")
     else:
         with pytest.raises(ValueError, match="algorithm") as info:
-            check_algorithm(pb, "gpu")
+            lower("cuda")
         msg = str(info.value)
         assert algorithm in msg and "expected" in msg and f"dstate={N}" in msg, msg
