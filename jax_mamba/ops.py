@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from . import _contract, _lowering
+from . import batching as _batching
 from ._problem import Problem, Restore, SSUResult, public_function
 
 _OPERANDS = _contract.OPERANDS  # in call order
@@ -9,7 +10,10 @@ _OPERANDS = _contract.OPERANDS  # in call order
 
 def _call(pb: Problem, restore: Restore) -> SSUResult:
     # the platform-specific checks (CUDA planner, a build without CUDA) happen when lowering
-    return restore(*_lowering.call(pb))
+    # batching.call: vmap folds into the slot axis, sharded jit partitions (sharding.py)
+    operands, results, aliases, attrs = _contract.frame(pb)
+    return restore(*_batching.call(operands, results, aliases, attrs,
+                                     _lowering.plan_request(pb)))
 
 
 selective_state_update = public_function(_call, __name__, """One Mamba decode step (or T speculative steps) over a cache of states.
