@@ -1,77 +1,137 @@
 #!/usr/bin/env bash
-# One device call: CMake build (sm_90a), GPU tests, compute-sanitizer on the small case set,
-# kernel timings (scripts/gpu_perf.py, variants through JAX_MAMBA_CUDA_ROWS) and ncu kernel
-# times. Stages: STAGES="build tests sanitize perf ncu" (default all). Logs go to $OUT (or
-# ./gpu_out) as few files (the device returns at most 8); a short table is printed last.
+# The GPU runner, one device call, from the repo root:
+#   build      CMake build (sm_90a, or $JAX_MAMBA_CUDA_ARCHS) with the modules dropped into
+#              ./jax_mamba; ptxas register / spill summary
+#   tests      the GPU half of the test suite (-k gpu: every case on the GPU, the kernel case
+#              grid of tests/test_kernel_cases.py included), then with multi-row lanes forced
+#              (JAX_MAMBA_CUDA_ROWS=1 on the strategy / op tests, =4 on the grid's small half)
+#   sanitize   compute-sanitizer memcheck on the small case set (pytest -m sanitize -k gpu)
+#   racecheck  the same under compute-sanitizer racecheck (not in the default STAGES)
+#   perf       kernel timings by the package's benchmark CLI (python -m jax_mamba.benchmark;
+#              variants: ROWS_VARIANTS="1 2 4" through JAX_MAMBA_CUDA_ROWS, ALG_VARIANTS="vertical")
+#              and a torch copy as a second ceiling
+#   ncu        ncu sections of the ssu_ kernels on NCU_CASES
+# STAGES="build tests sanitize perf ncu" (default). A stage does not start once BUDGET seconds
+# (default 560: a device call lasts at most 600) are spent, and runs at most until then.
+# PYTEST_K (default gpu) picks the platform of the pytest stages: PYTEST_K=cpu STAGES=tests
+# runs the same commands without a GPU (a dry run of this script). Logs go to $OUT (or
+# ./gpu_out) as few files (the device returns at most 8); a short summary is printed last.
 set -uo pipefail
 OUT=${OUT:-gpu_out}; mkdir -p "$OUT"
 STAGES=${STAGES:-"build tests sanitize perf ncu"}
+BUDGET=${BUDGET:-560}
+K=${PYTEST_K:-gpu}
 LOG="$OUT/stages.log"
 T0=$(date +%s)
 summary() { echo "$*" | tee -a "$OUT/summary.txt"; }
 has() { [[ " $STAGES " == *" $1 "* ]]; }
-stage() {  # name, timeout, command...
-  local name=$1 to=$2; shift 2
-  local t=$(date +%s)
-  { echo "===================== $name"; timeout "$to" "$@"; echo "rc=$?"; } >> "$LOG" 2>&1
-  summary "$name: $(tail -1 "$LOG") in $(( $(date +%s) - t )) s"
+stage() {  # name, wanted timeout (s), command...: output appended to $LOG under "== name"
+  local name=$1 to=$2 t rc tmp left; shift 2
+  left=$(( BUDGET - ($(date +%s) - T0) - 10 ))
+  [ "$left" -lt "$to" ] && to=$left
+  if [ "$to" -lt 20 ]; then summary "$name: skipped (BUDGET=$BUDGET s spent)"; return 0; fi
+  t=$(date +%s); tmp=$(mktemp)
+  timeout "$to" "$@" > "$tmp" 2>&1; rc=$?
+  { echo "===================== $name"; cat "$tmp"; echo "rc=$rc"; } >> "$LOG"
+  summary "$name: rc=$rc in $(( $(date +%s) - t )) s$([ $rc -eq 124 ] && echo " (timeout $to s)")" \
+    "$(grep -E ' passed| failed|no tests ran' "$tmp" | tail -1)" \
+    "$(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$tmp" | tail -1)"
+  grep -E "^FAILED|^ERROR |^E  " "$tmp" | head -20
+  rm -f "$tmp"
 }
+PYTEST=(python -m pytest -q -rf --tb=short -p no:cacheprovider)
 export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
-summary "card: $(nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader)"
-summary "commit: $(git rev-parse --short HEAD 2>/dev/null) $(git status --short | wc -l) files changed"
+summary "card: $(nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,driver_version --format=csv,noheader 2>&1 | head -1)"
+summary "commit: $(git rev-parse --short HEAD 2>/dev/null) $(git status --short 2>/dev/null | wc -l) files changed"
 
 BDIR=build/gpu
 if has build; then
   t=$(date +%s)
+  ARCHS=${JAX_MAMBA_CUDA_ARCHS:-90a}
+  # CMake directly (the CMakeLists.txt pip / scikit-build-core drives), modules copied into
+  # ./jax_mamba, so everything below imports this tree (PYTHONPATH) whatever site-packages holds
   { cmake -S . -B "$BDIR" -DSKBUILD_PROJECT_NAME=jax_mamba -DJAX_MAMBA_CUDA=ON \
       -DPython_EXECUTABLE="$(command -v python)" -Dnanobind_DIR="$(python -m nanobind --cmake_dir)" \
-      -DCMAKE_CUDA_ARCHITECTURES=90a -DCMAKE_BUILD_TYPE=Release -DJAX_MAMBA_CUDA_VERBOSE_PTXAS=ON \
+      -DCMAKE_CUDA_ARCHITECTURES="$ARCHS" -DCMAKE_BUILD_TYPE=Release -DJAX_MAMBA_CUDA_VERBOSE_PTXAS=ON \
     && cmake --build "$BDIR" -j 16 && cp "$BDIR"/_cpu*.so "$BDIR"/_cuda*.so jax_mamba/; } \
     > "$OUT/build.log" 2>&1; rc=$?
-  summary "build: rc=$rc in $(( $(date +%s) - t )) s"
-  [ $rc -eq 0 ] || { grep -E "error" "$OUT/build.log" | head -20; exit 1; }
+  summary "build (archs $ARCHS): rc=$rc in $(( $(date +%s) - t )) s"
+  if [ $rc -ne 0 ]; then grep -E "error|Error" "$OUT/build.log" | head -20; tail -20 "$OUT/build.log"; exit 1; fi
+  # ptxas -v: "Function properties for NAME" precedes "N bytes stack frame, S bytes spill ..."
+  spills=$(awk '/Function properties for/ {f = $NF}
+                /bytes spill stores/ && !/ 0 bytes spill stores, 0 bytes spill loads/ {print f ":" $0}' \
+             "$OUT/build.log" | sort -u)
+  demangle() { if command -v c++filt > /dev/null; then c++filt; else cat; fi; }
+  summary "ptxas: $(grep -c 'ptxas info *: Used' "$OUT/build.log") kernels compiled," \
+    "$(printf '%s' "$spills" | grep -c .) with spills"
+  [ -n "$spills" ] && printf '%s\n' "$spills" | demangle | cut -c1-200 | head -12 | tee -a "$OUT/summary.txt"
 fi
+compgen -G "jax_mamba/_cuda*.so" > /dev/null \
+  || summary "warning: no jax_mamba/_cuda*.so (a fresh machine needs STAGES with build): GPU tests skip"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 python -c "import jax, jax_mamba; print('jax', jax.__version__, 'HAS_CUDA', jax_mamba.HAS_CUDA, jax.devices())" \
-  2>&1 | tee -a "$OUT/summary.txt"
+  2>&1 | tail -1 | tee -a "$OUT/summary.txt"
 
 if has tests; then
-  stage pytest_gpu "${TEST_TIMEOUT:-300}" python -m pytest -q -x -rf -p no:cacheprovider -k "gpu" ${TEST_FILES:-tests}
-  grep -E "^FAILED|^E  " "$LOG" | head -20
-  JAX_MAMBA_CUDA_ROWS=1 stage pytest_rows1 120 python -m pytest -q -x -p no:cacheprovider -k "gpu" \
-    tests/test_algorithms.py tests/test_ops.py
-  stage cases_small 120 python scripts/sanitize_cases.py
-  grep -E "^FAIL" "$LOG" | head -20
-fi
-if has sanitize; then
-  filt=(); compute-sanitizer --help 2>&1 | grep -q "kns=" && filt=(--kernel-name kns=ssu_)
-  stage memcheck 200 compute-sanitizer --tool memcheck "${filt[@]}" --error-exitcode 9 \
-    python scripts/sanitize_cases.py
-  grep -E "ERROR SUMMARY|^FAIL" "$LOG" | tail -3
-fi
-if has perf; then
-  copy=$(python -c "import sys; sys.path.insert(0, 'scripts'); import gpu_perf; print(f'{gpu_perf.torch_copy_gbs():.0f}')" 2>>"$LOG")
-  summary "torch copy 2 GiB: $copy GB/s (read + write)"
-  CASES=${CASES:-"b1-bf16 b8-bf16 b64-bf16 b256-bf16 b64-f16 b64-f32 b256-f32 b64-bf16-P128 b64-bf16-H80-G1 b64-f32-H80-G1 b128-bf16-H128 b64-bf16-T4-inter b64-f32-T6-inter b64-bf16-T6-inter b64-i16 b64-f16-sr b64-f32-mamba1-P8192-N16"}
   # shellcheck disable=SC2086
-  TAG=auto stage perf_auto 400 python scripts/gpu_perf.py --copy "$copy" $CASES
+  stage pytest_$K "${TEST_TIMEOUT:-420}" "${PYTEST[@]}" -k "$K" ${TEST_FILES:-tests}
+  JAX_MAMBA_CUDA_ROWS=1 stage pytest_rows1 120 "${PYTEST[@]}" -k "$K" tests/test_algorithms.py tests/test_ops.py
+  JAX_MAMBA_CUDA_ROWS=4 stage grid_rows4 120 "${PYTEST[@]}" -m grid -k "$K and test_grid_case" \
+    tests/test_kernel_cases.py
+fi
+for tool in memcheck racecheck; do
+  if { [ $tool = memcheck ] && has sanitize; } || has $tool; then
+    if command -v compute-sanitizer > /dev/null; then
+      filt=(); compute-sanitizer --help 2>&1 | grep -q "kns=" && filt=(--kernel-name kns=ssu_)
+      stage "$tool" 240 compute-sanitizer --tool $tool "${filt[@]}" --error-exitcode 9 \
+        "${PYTEST[@]}" -m sanitize -k "$K" tests/test_kernel_cases.py
+    else
+      summary "$tool: skipped (compute-sanitizer not found)"
+    fi
+  fi
+done
+if has perf; then
+  copy=$(python - 2>> "$LOG" <<'EOF'
+import statistics, torch  # a second ceiling: torch copy_ of 2 GiB, read + write
+a = torch.empty((2 << 30) // 4, dtype=torch.float32, device="cuda").normal_()
+b = torch.empty_like(a)
+ts = []
+for i in range(23):
+    e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    e0.record(); b.copy_(a); e1.record(); torch.cuda.synchronize()
+    ts.append(e0.elapsed_time(e1) / 1e3)
+print(f"{2 * a.nbytes / statistics.median(ts[3:]) / 1e9:.0f}")
+EOF
+)
+  summary "torch copy 2 GiB: ${copy:-n/a} GB/s (read + write; the CLI's own ceiling is in its 'device' line)"
+  CASES=${CASES:-"b1-bf16 b8-bf16 b64-bf16 b256-bf16 b64-fp16 b64-fp32 b256-fp32 b64-bf16-p128 b64-bf16-h80g1 b64-fp32-h80g1 b128-bf16-h128 mtp4-b64-bf16-inter mtp6-b64-fp32-inter mtp6-b64-bf16-inter b64-int16 b64-fp16-sr mamba1-b64-fp32"}
+  cases=(); for c in $CASES; do cases+=(--case "$c"); done
+  # shellcheck disable=SC2086
+  stage perf_auto 400 python -m jax_mamba.benchmark --impl ffi --json "$OUT/perf.json" "${cases[@]}" \
+    ${PERF_ARGS:-}
   for v in ${ROWS_VARIANTS:-}; do
-    TAG=rows$v JAX_MAMBA_CUDA_ROWS=$v stage "perf_rows$v" 120 python scripts/gpu_perf.py --copy "$copy" \
-      b1-bf16 b64-bf16 b256-bf16 b64-f32
+    JAX_MAMBA_CUDA_ROWS=$v stage "perf_rows$v" 120 python -m jax_mamba.benchmark --impl ffi \
+      --case b1-bf16 --case b64-bf16 --case b256-bf16 --case b64-fp32
   done
   for a in ${ALG_VARIANTS:-}; do
-    TAG=$a stage "perf_$a" 120 python scripts/gpu_perf.py --copy "$copy" b1-bf16-alg=$a b64-bf16-alg=$a \
-      b64-f32-alg=$a
+    stage "perf_$a" 120 python -m jax_mamba.benchmark --impl ffi --algorithm "$a" \
+      --case b1-bf16 --case b64-bf16 --case b64-fp32
   done
 fi
-if has ncu && command -v ncu > /dev/null; then
-  for cs in ${NCU_CASES:-b64-bf16 b1-bf16}; do
-    stage "ncu_$cs" 150 ncu --clock-control none --kernel-name regex:ssu_ --launch-skip 40 --launch-count 4 \
-      --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
-      --section MemoryWorkloadAnalysis python scripts/gpu_perf.py "$cs"
-  done
-  grep -E "ssu_|Duration|DRAM Throughput|Memory Throughput|Achieved Occupancy|Registers Per|Stall|Block Size|Grid Size" "$LOG" \
-    | grep -v "^ROW" | sed -n '1,400p' > "$OUT/ncu_brief.txt"
+if has ncu; then
+  if command -v ncu > /dev/null; then
+    for cs in ${NCU_CASES:-b64-bf16 b1-bf16}; do
+      stage "ncu_$cs" 150 ncu --clock-control none --kernel-name regex:ssu_ --launch-skip 40 --launch-count 4 \
+        --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
+        --section MemoryWorkloadAnalysis python -m jax_mamba.benchmark --impl ffi --case "$cs" --reps 3
+    done
+    grep -E "ssu_|Duration|DRAM Throughput|Memory Throughput|Achieved Occupancy|Registers Per|Stall|Block Size|Grid Size" "$LOG" \
+      | sed -n '1,400p' > "$OUT/ncu_brief.txt"
+  else
+    summary "ncu: skipped (not found)"
+  fi
 fi
-echo "==== rows"; grep "^ROW" "$LOG"
+echo "==== perf"
+awk '/^===================== / {p = ($2 ~ /^perf/); if (p) print}
+     p && (/^device / || /^case / || / (ffi|reference) /)' "$LOG" 2> /dev/null
 echo "==== summary"; cat "$OUT/summary.txt"; echo "total $(( $(date +%s) - T0 )) s"
