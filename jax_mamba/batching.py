@@ -2,6 +2,8 @@
 call over a (V*S, ...) cache), and the entry point that guards against differentiation."""
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -37,7 +39,20 @@ _PARAMS = ("A", "D", "dt_bias", "rand_seed")
 
 def call(operands, results, aliases, attrs, plan):
     """The kernel call with its vmap and partitioning rules. Not differentiable: a JVP raises
-    the error that points to jax_mamba.reference (inlined when lowered: no cost)."""
+    the error that points to jax_mamba.reference (inlined when lowered: no cost). An eager
+    call runs jitted (compiled once per layout), so that sharded inputs are partitioned too."""
+    if not any(isinstance(o, jax.core.Tracer) for o in operands):
+        return _eager(sharding._layout(operands, results, aliases, attrs, plan))(*operands)
+    return _guarded(operands, results, aliases, attrs, plan)
+
+
+@functools.lru_cache(maxsize=256)
+def _eager(lay):
+    results = [jax.ShapeDtypeStruct(s, d) for s, d in zip(lay.res_shapes, lay.res_dtypes)]
+    return jax.jit(lambda *ops: _guarded(ops, results, dict(lay.aliases), lay.attr, lay.plan))
+
+
+def _guarded(operands, results, aliases, attrs, plan):
     @jax.custom_jvp
     def guarded(*ops):
         return _batchable(ops, results, aliases, attrs, plan)

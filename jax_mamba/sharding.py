@@ -444,9 +444,10 @@ def _factors(lay):
     ent = "e" if lay.varlen else "b"
     hp = ["h", "p"] if lay.heads else ["p"]
 
-    def user_x(nd):  # out in the caller's layout of x
-        n_lead = nd - len(hp)
-        return (["r"] if lay.varlen else ["b", "t"][:n_lead]) + hp
+    def user_x(nd):  # out: the canonical layout of x, or the caller's (no T in STP, no H
+        # axis with a 3-D state)
+        trailing = ["h", "p"] if (lay.heads or nd == len(lead) + 2) else ["p"]
+        return lead[:nd - len(trailing)] + trailing
 
     ops = []
     for k, (name, shape, present) in enumerate(zip(_NAMES, lay.shapes, lay.present)):

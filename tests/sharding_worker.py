@@ -130,6 +130,12 @@ CASES = {
                         (8,), ("m",), {"state": P("m")},
                         lambda kw, cfg, rng: _same_shard_slots(kw, cfg, 8, K=3, dst_K=1,
                                                                pad_rows=[1])),
+    "slots_mamba1_i16_inter": (Cfg(mode="mtp", heads=False, G=1, b=4, T=2, state="i16",
+                                   inter="idx", pads=True, S=16, P=8, N=16),
+                               (8,), ("m",), {"state": P("m"), "state_scale": P("m")},
+                               lambda kw, cfg, rng: _bad_index(kw, cfg, [1])),
+    "slots_varlen_noout": (Cfg(mode="varlen", G=2, b=3, T=2, out=False, S=16, H=2, P=4, N=16),
+                           (4,), ("m",), {"state": P("m")}, None),
     # both, on a 2-D mesh
     "mesh4x2_mtp_i16": (Cfg(mode="mtp", G=2, b=4, T=2, sbi="2d", state="i16", S=32, H=4, P=4,
                             N=16),
@@ -156,8 +162,8 @@ CASES = {
 # the state); the cases whose unsharded result has NaN rows (invalid indices)
 GATHERS = {"fallback_state_on_P", "fallback_G_uneven"}
 SMALL_GATHERS = {"fallback_x_on_batch"}
-BUFFER_ALLREDUCE = {"slots_mtp_inter_replicated", "slots_stp_noindex"}
-EXPECT_NAN = {"slots_stp_pads_invalid", "mesh2x4_stp_gslice"}
+BUFFER_ALLREDUCE = {"slots_mtp_inter_replicated", "slots_stp_noindex", "slots_mamba1_i16_inter"}
+EXPECT_NAN = {"slots_stp_pads_invalid", "mesh2x4_stp_gslice", "slots_mamba1_i16_inter"}
 
 
 def _bits(a):
@@ -374,7 +380,22 @@ def special_sr_heads():
     assert (np.abs(g - w) <= np.abs(w) * 2.0 ** -7 + 1e-30).all()
 
 
-SPECIAL = {"dst_off_shard": special_dst_off_shard, "vmap_heads": special_vmap_heads,
+def special_eager_slots():
+    """An eager (not jitted) call on a sharded cache is partitioned too."""
+    cfg = Cfg(mode="stp", G=2, b=5, pads=True, S=32, H=2, P=4, N=16)
+    kw = make_case(cfg, np.random.default_rng(6))
+    arrays = {k: v for k, v in kw.items() if isinstance(v, jax.Array)}
+    static = {k: v for k, v in kw.items() if not isinstance(v, jax.Array)}
+    want = jax_mamba.selective_state_update(**arrays, **static)
+    sh = NamedSharding(_mesh(8), P("m"))
+    got = jax_mamba.selective_state_update(**dict(arrays, state=jax.device_put(arrays["state"], sh)),
+                                           **static)
+    assert got.state.sharding.is_equivalent_to(sh, 4), got.state.sharding
+    assert (_bits(got.state) == _bits(want.state)).all() and (_bits(got.out) == _bits(want.out)).all()
+
+
+SPECIAL = {"eager_slots": special_eager_slots,
+           "dst_off_shard": special_dst_off_shard, "vmap_heads": special_vmap_heads,
            "shard_map_heads": special_shard_map, "sr_heads": special_sr_heads}
 
 

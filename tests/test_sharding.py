@@ -19,7 +19,7 @@ GROUPS = {
               "sr_heads", "shard_map_heads", "vmap_heads"],
     "slots": ["slots_stp_pads_invalid", "slots_stp_pad_in_range", "slots_stp_noindex",
               "slots_mtp_dst2d_nacc", "slots_mtp_inter_sharded", "slots_mtp_inter_replicated",
-              "slots_varlen_2d", "dst_off_shard"],
+              "slots_varlen_2d", "slots_mamba1_i16_inter", "slots_varlen_noout", "dst_off_shard", "eager_slots"],
     "mesh2d": ["mesh4x2_mtp_i16", "mesh2x4_stp_gslice", "mesh2x4_varlen_inter"],
     "fallback": ["fallback_state_on_P", "fallback_G_uneven", "fallback_x_on_batch"],
 }
