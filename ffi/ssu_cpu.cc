@@ -150,10 +150,10 @@ void run_item(const Params& p, const Entry& e, int64_t b, int64_t h) {
       Cf[t * N + n] = ld<IT>(p.C, bc + n);
     }
   }
-  const float bias_h = p.has_bias && !p.bias_elem ? ld_any(p.dt_bias, p.w_t, h) : 0.f;
+  const float bias_h = p.has_dt_bias && !p.bias_elem ? ld_any(p.dt_bias, p.param_t, h) : 0.f;
   const bool dt_per_row = p.dt_elem || p.bias_elem;  // else dt' depends on (t, h) only
   for (int64_t t = 0; t < L && !dt_per_row; ++t) {
-    float d = ld_any(p.dt, p.w_t, (e.row0 + t) * H + h) + bias_h;
+    float d = ld_any(p.dt, p.param_t, (e.row0 + t) * H + h) + bias_h;
     dth[t] = p.softplus ? softplus20(d) : d;
   }
   for (int64_t pp = 0; pp < P; ++pp) {
@@ -165,14 +165,14 @@ void run_item(const Params& p, const Entry& e, int64_t b, int64_t h) {
       const float sc = ST == DType::I16 ? p.state_scale[e.src * HP + hp] : 1.f;
       for (int64_t n = 0; n < N; ++n) s[n] = ld<ST>(p.state, off + n) * sc;
     }
-    const float Dv = !p.has_D ? 0.f : ld_any(p.D, p.w_t, p.D_elem ? hp : h);
-    const float bias = p.bias_elem ? ld_any(p.dt_bias, p.w_t, hp) : bias_h;
+    const float Dv = !p.has_D ? 0.f : ld_any(p.D, p.param_t, p.D_elem ? hp : h);
+    const float bias = p.bias_elem ? ld_any(p.dt_bias, p.param_t, hp) : bias_h;
     for (int64_t t = 0; t < L; ++t) {
       const int64_t row = e.row0 + t;
       const float xv = ld<IT>(p.x, row * HP + hp);
       float dt = dth[t];
       if (dt_per_row) {
-        dt = ld_any(p.dt, p.w_t, p.dt_elem ? row * HP + hp : row * H + h) + bias;
+        dt = ld_any(p.dt, p.param_t, p.dt_elem ? row * HP + hp : row * H + h) + bias;
         if (p.softplus) dt = softplus20(dt);
       }
       const float* Bt = &Bf[t * N];
@@ -280,7 +280,7 @@ void run(const Params& p, ffi::ThreadPool pool) {
 
 template <DType ST>
 void dispatch_input(const Params& p, ffi::ThreadPool pool) {
-  switch (p.in_t) {
+  switch (p.input_t) {
     case DType::F32: return run<ST, DType::F32>(p, pool);
     case DType::BF16: return run<ST, DType::BF16>(p, pool);
     default: return run<ST, DType::F16>(p, pool);

@@ -235,7 +235,7 @@ __device__ __forceinline__ float group_max(float v, int L) {
 
 __device__ __forceinline__ float dt_value(const Params& p, int64_t row, int64_t h, int64_t hp,
                                           float bias) {
-  float d = ld_w(p.dt, p.w_t, p.dt_elem ? row * p.H * p.P + hp : row * p.H + h) + bias;
+  float d = ld_w(p.dt, p.param_t, p.dt_elem ? row * p.H * p.P + hp : row * p.H + h) + bias;
   return p.softplus ? dev_softplus(d) : d;
 }
 
@@ -260,12 +260,12 @@ template <DType IT>
 __device__ void zero_fill(const Params& p, const Launch& l, int64_t zb) {
   bool mono = true;
   for (int64_t i = threadIdx.x; i < p.nb; i += blockDim.x)
-    mono = mono && load_index(p.cu, p.cu64, i) <= load_index(p.cu, p.cu64, i + 1);
+    mono = mono && load_index(p.cu_seqlens, p.cu_seqlens64, i) <= load_index(p.cu_seqlens, p.cu_seqlens64, i + 1);
   mono = __syncthreads_and(mono);
   const int64_t HP = p.H * p.P;
   if (mono) {
-    const int64_t lo = clamp_rows(load_index(p.cu, p.cu64, 0), p.rows);
-    int64_t hi = clamp_rows(load_index(p.cu, p.cu64, p.nb), p.rows);
+    const int64_t lo = clamp_rows(load_index(p.cu_seqlens, p.cu_seqlens64, 0), p.rows);
+    int64_t hi = clamp_rows(load_index(p.cu_seqlens, p.cu_seqlens64, p.nb), p.rows);
     if (hi < lo) hi = lo;
     const int64_t n1 = lo * HP, n = n1 + (p.rows - hi) * HP;
     for (int64_t i = zb * blockDim.x + threadIdx.x; i < n; i += l.zero_blocks * blockDim.x)
@@ -362,8 +362,8 @@ __device__ __forceinline__ void run_rows(const Params& p, const Ctx& c, int L, i
   auto col = [&](int k) { return int64_t(lane + k * L) * E; };
 
   // per-head parameters (per-element ones are read where used)
-  const float Dh = p.has_D && !p.D_elem ? ld_w(p.D, p.w_t, h) : 0.f;
-  const float bias_h = p.has_bias && !p.bias_elem ? ld_w(p.dt_bias, p.w_t, h) : 0.f;
+  const float Dh = p.has_D && !p.D_elem ? ld_w(p.D, p.param_t, h) : 0.f;
+  const float bias_h = p.has_dt_bias && !p.bias_elem ? ld_w(p.dt_bias, p.param_t, h) : 0.f;
   const bool dt_row = p.dt_elem || p.bias_elem;  // dt differs between rows
   const float Ah = p.A_elem ? 0.f : __ldg(p.A + h);
 
@@ -413,7 +413,7 @@ __device__ __forceinline__ void run_rows(const Params& p, const Ctx& c, int L, i
       xr[r] = on(r) ? ld_scalar<IT>(p.x, xrow + hp[r]) : 0.f;
       float dtr = dt_h, dA = dA_h;
       if (dt_row) {
-        const float b = p.has_bias && p.bias_elem ? ld_w(p.dt_bias, p.w_t, hp[r]) : bias_h;
+        const float b = p.has_dt_bias && p.bias_elem ? ld_w(p.dt_bias, p.param_t, hp[r]) : bias_h;
         dtr = dt_value(p, row, h, hp[r], b);
         dA = __expf(Ah * dtr);
       }
@@ -457,7 +457,7 @@ __device__ __forceinline__ void run_rows(const Params& p, const Ctx& c, int L, i
 #pragma unroll
       for (int r = 0; r < RM; ++r) {
         if (!on(r)) continue;
-        const float Dv = p.has_D && p.D_elem ? ld_w(p.D, p.w_t, hp[r]) : Dh;
+        const float Dv = p.has_D && p.D_elem ? ld_w(p.D, p.param_t, hp[r]) : Dh;
         float v = y[r] + Dv * xr[r];
         if (p.has_z) v = dev_gate(v, ld_scalar<IT>(p.z, xrow + hp[r]));
         st_out<IT>(p.out, xrow + hp[r], v);
@@ -571,8 +571,8 @@ __global__ void __launch_bounds__(128) ssu_generic(const Params p, const Launch 
     const float sc = ST == DType::I16 ? p.state_scale[int64_t(c.src) * HP + hp] : 1.f;
     for (int64_t n = lane; n < N; n += 32) s[n] = ld_state_scalar<ST>(p.state, off + n) * sc;
   }
-  const float Dv = p.has_D ? ld_w(p.D, p.w_t, p.D_elem ? hp : h) : 0.f;
-  const float bias = p.has_bias ? ld_w(p.dt_bias, p.w_t, p.bias_elem ? hp : h) : 0.f;
+  const float Dv = p.has_D ? ld_w(p.D, p.param_t, p.D_elem ? hp : h) : 0.f;
+  const float bias = p.has_dt_bias ? ld_w(p.dt_bias, p.param_t, p.bias_elem ? hp : h) : 0.f;
   const float Ah = p.A_elem ? 0.f : __ldg(p.A + h);
   const StoreCtx sx = store_ctx(p, kSR);
 
@@ -689,7 +689,7 @@ cudaError_t launch_input(const Params& p, const Plan& pl, cudaStream_t stream) {
 
 template <DType ST>
 cudaError_t launch_state(const Params& p, const Plan& pl, cudaStream_t stream) {
-  switch (p.in_t) {
+  switch (p.input_t) {
     case DType::F32: return launch_input<ST, DType::F32>(p, pl, stream);
     case DType::BF16: return launch_input<ST, DType::BF16>(p, pl, stream);
     case DType::F16: return launch_input<ST, DType::F16>(p, pl, stream);

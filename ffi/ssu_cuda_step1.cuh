@@ -164,8 +164,8 @@ struct Step1 {
     const int64_t bc = (int64_t(row) * p.G + g) * p.N + int64_t(j) * E;
     ld_in_vec<IT, E>(p.B, bc, hv.Bv);
     ld_in_vec<IT, E>(p.C, bc, hv.Cv);
-    hv.bias = p.has_bias && !p.bias_elem ? ld_w(p.dt_bias, p.w_t, h) : 0.f;
-    hv.D = p.has_D && !p.D_elem ? ld_w(p.D, p.w_t, h) : 0.f;
+    hv.bias = p.has_dt_bias && !p.bias_elem ? ld_w(p.dt_bias, p.param_t, h) : 0.f;
+    hv.D = p.has_D && !p.D_elem ? ld_w(p.D, p.param_t, h) : 0.f;
     hv.A = p.A_elem ? 0.f : __ldg(p.A + h);
     const bool dt_row = p.dt_elem || p.bias_elem;
     hv.dt = dt_row ? 0.f : dt_value(p, row, h, 0, hv.bias);
@@ -199,7 +199,7 @@ struct Step1 {
       }
       float dtr = hv.dt, dA = hv.dA;
       if (dt_row) {
-        const float b = p.has_bias && p.bias_elem ? ld_w(p.dt_bias, p.w_t, hp) : hv.bias;
+        const float b = p.has_dt_bias && p.bias_elem ? ld_w(p.dt_bias, p.param_t, hp) : hv.bias;
         dtr = dt_value(p, row, h, hp, b);
         dA = __expf(hv.A * dtr);
       }
@@ -226,7 +226,7 @@ struct Step1 {
       }
       const float y = group_sum<32>(acc, VPR);
       if (j == 0 && on) {
-        const float Dv = p.has_D && p.D_elem ? ld_w(p.D, p.w_t, hp) : hv.D;
+        const float Dv = p.has_D && p.D_elem ? ld_w(p.D, p.param_t, hp) : hv.D;
         float v = y + Dv * ld.xr[k];
         if (p.has_z) v = dev_gate(v, ld_scalar<IT>(p.z, xrow + hp));
         st_out<IT>(p.out, xrow + hp, v);

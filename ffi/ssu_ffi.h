@@ -174,11 +174,11 @@ inline ffi::Error decode_params(Call& call, Params* p, int64_t* algorithm, Alias
   p->cache_steps = set.cache_steps;
   p->has_cache_steps = set.cache_steps > 0;
 
-  p->has_D = has.D; p->has_z = has.z; p->has_bias = has.dt_bias;
-  p->has_sbi = has.state_batch_indices; p->has_dst = has.dst_state_batch_indices;
+  p->has_D = has.D; p->has_z = has.z; p->has_dt_bias = has.dt_bias;
+  p->has_src_idx = has.state_batch_indices; p->has_dst = has.dst_state_batch_indices;
   p->has_inter = has.intermediate_states_buffer;
   p->has_inter_idx = has.intermediate_state_indices; p->varlen = has.cu_seqlens;
-  p->has_nacc = has.num_accepted_tokens; p->has_seed = has.rand_seed;
+  p->has_num_accepted = has.num_accepted_tokens; p->has_seed = has.rand_seed;
   struct Flag { int arg; bool present; const char* name; };
 #define SSU_FLAG_AT(name) Flag{a_##name, has.name, #name},
   for (const Flag& f : {SSU_OPTIONAL_OPERANDS(SSU_FLAG_AT)})
@@ -213,9 +213,9 @@ inline ffi::Error decode_params(Call& call, Params* p, int64_t* algorithm, Alias
   if (!to_dtype(in[a_state].element_type(), &p->state_t)) return bad("unsupported state dtype");
   if ((p->state_t == DType::I16) != has.state_scale)
     return bad("has_state_scale must be set exactly for an int16 state");
-  if (!to_dtype(in[a_x].element_type(), &p->in_t) || p->in_t == DType::I16)
+  if (!to_dtype(in[a_x].element_type(), &p->input_t) || p->input_t == DType::I16)
     return bad("unsupported x dtype");
-  if (!to_dtype(in[a_dt].element_type(), &p->w_t) || p->w_t == DType::I16)
+  if (!to_dtype(in[a_dt].element_type(), &p->param_t) || p->param_t == DType::I16)
     return bad("unsupported dt dtype");
   if (in[a_A].element_type() != ffi::DataType::F32) return bad("A must be float32");
 
@@ -223,14 +223,14 @@ inline ffi::Error decode_params(Call& call, Params* p, int64_t* algorithm, Alias
   p->A_elem = in[a_A].dimensions().size() == 3;
   p->D_elem = in[a_D].dimensions().size() == 2;
   p->bias_elem = in[a_dt_bias].dimensions().size() == 2;
-  p->sbi_2d = p->has_sbi && in[a_state_batch_indices].dimensions().size() == 2;
+  p->src_2d = p->has_src_idx && in[a_state_batch_indices].dimensions().size() == 2;
   p->dst_2d = p->has_dst && in[a_dst_state_batch_indices].dimensions().size() == 2;
-  p->K_sbi = p->sbi_2d ? in[a_state_batch_indices].dimensions()[1] : 1;
+  p->K_src = p->src_2d ? in[a_state_batch_indices].dimensions()[1] : 1;
   p->K_dst = p->dst_2d ? in[a_dst_state_batch_indices].dimensions()[1] : 1;
-  p->idx64 = (p->has_sbi ? in[a_state_batch_indices] : p->has_dst ? in[a_dst_state_batch_indices] : in[a_intermediate_state_indices]).element_type() ==
+  p->idx64 = (p->has_src_idx ? in[a_state_batch_indices] : p->has_dst ? in[a_dst_state_batch_indices] : in[a_intermediate_state_indices]).element_type() ==
              ffi::DataType::S64;
-  p->cu64 = in[a_cu_seqlens].element_type() == ffi::DataType::S64;
-  p->nacc64 = in[a_num_accepted_tokens].element_type() == ffi::DataType::S64;
+  p->cu_seqlens64 = in[a_cu_seqlens].element_type() == ffi::DataType::S64;
+  p->num_accepted64 = in[a_num_accepted_tokens].element_type() == ffi::DataType::S64;
   if (p->has_inter) {
     auto id = in[a_intermediate_states_buffer].dimensions();
     p->I = id[0]; p->CS = id[1];
@@ -243,9 +243,9 @@ inline ffi::Error decode_params(Call& call, Params* p, int64_t* algorithm, Alias
   p->B = in[a_B].untyped_data(); p->C = in[a_C].untyped_data();
   p->D = in[a_D].untyped_data(); p->z = in[a_z].untyped_data();
   p->dt_bias = in[a_dt_bias].untyped_data();
-  p->sbi = in[a_state_batch_indices].untyped_data(); p->dst = in[a_dst_state_batch_indices].untyped_data();
+  p->src_idx = in[a_state_batch_indices].untyped_data(); p->dst = in[a_dst_state_batch_indices].untyped_data();
   p->inter_idx = in[a_intermediate_state_indices].untyped_data();
-  p->cu = in[a_cu_seqlens].untyped_data(); p->nacc = in[a_num_accepted_tokens].untyped_data();
+  p->cu_seqlens = in[a_cu_seqlens].untyped_data(); p->num_accepted = in[a_num_accepted_tokens].untyped_data();
   p->seed = static_cast<const uint32_t*>(in[a_rand_seed].untyped_data());
   // Results alias their inputs (state, scales, intermediates, a given out): the kernels read
   // and write through the result pointers.

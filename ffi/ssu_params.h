@@ -9,27 +9,31 @@ namespace ssu {
 // Canonical shapes (the Python layer reshapes into these):
 //   state (S,H,P,N); x, z, out (nb,T,H,P) or varlen (rows,H,P); dt like x or without P;
 //   A f32 (H) or (H,P,N); B, C rows x (G,N); D, dt_bias (H) or (H,P);
-//   sbi, dst (nb) or (nb,K); state_scale f32 (S,H,P); inter (I,CS,H,P,N) + scales (I,CS,H,P);
-//   inter_idx, nacc (nb); cu_seqlens (nb+1); seed u32 (2).
+//   src_idx (state_batch_indices), dst (dst_state_batch_indices): (nb) or (nb,K);
+//   state_scale f32 (S,H,P); inter (intermediate_states_buffer, I,CS,H,P,N) + inter_scales
+//   (I,CS,H,P); inter_idx (intermediate_state_indices), num_accepted (num_accepted_tokens): (nb);
+//   cu_seqlens (nb+1); seed (rand_seed) u32 (2). SPEC §3's names: an entry reads slot `src`,
+//   writes `dst`, and intermediate row `ii`.
 // Absence is always an explicit flag, never a size: any size (0 included) is a real size.
 struct Params {
   int64_t S, H, P, N, G, nb, T, rows;  // T: steps per entry (0 in varlen)
-  int64_t K_sbi, K_dst;                 // widths of 2-D index arrays (when sbi_2d / dst_2d)
+  int64_t K_src, K_dst;                 // widths of 2-D index arrays (when src_2d / dst_2d)
   int64_t I, CS;                        // intermediate rows and step axis (when has_inter)
   int64_t cache_steps;                  // longest allowed sequence (when has_cache_steps)
   int64_t pad;
   int philox_rounds;
-  DType state_t, in_t, w_t;             // state, x/B/C/z/out, dt/D/dt_bias
-  bool idx64, cu64, nacc64;
+  DType state_t, input_t, param_t;      // state; x/B/C/z/out; dt/D/dt_bias
+  bool idx64, cu_seqlens64, num_accepted64;
   bool varlen, dt_elem, A_elem, D_elem, bias_elem;
-  bool has_D, has_z, has_bias, has_sbi, has_dst, has_inter, has_inter_idx, has_nacc, has_seed;
-  bool sbi_2d, dst_2d, has_cache_steps;
+  bool has_D, has_z, has_dt_bias, has_src_idx, has_dst, has_inter, has_inter_idx,
+      has_num_accepted, has_seed;
+  bool src_2d, dst_2d, has_cache_steps;
   bool softplus, update_state;
 
   void* state; float* state_scale;
   const void *x, *dt, *B, *C, *D, *z, *dt_bias;
   const float* A;
-  const void *sbi, *dst, *inter_idx, *cu, *nacc;
+  const void *src_idx, *dst, *inter_idx, *cu_seqlens, *num_accepted;
   const uint32_t* seed;
   void* out; void* inter; float* inter_scales;
 };
@@ -81,8 +85,8 @@ struct SeqSpan {
 
 SSU_HD SeqSpan seq_span(const Params& p, int64_t s) {
   SeqSpan q;
-  q.a = load_index(p.cu, p.cu64, s);
-  q.z = load_index(p.cu, p.cu64, s + 1);
+  q.a = load_index(p.cu_seqlens, p.cu_seqlens64, s);
+  q.z = load_index(p.cu_seqlens, p.cu_seqlens64, s + 1);
   q.bounds_ok = q.a >= 0 && q.z >= q.a && q.z <= p.rows;
   q.lo = clamp_rows(q.a, p.rows);
   q.hi = q.z >= q.a ? clamp_rows(q.z, p.rows) : q.lo;
@@ -128,18 +132,18 @@ SSU_HD Entry resolve_entry(const Params& p, int64_t b, bool overlapped = false) 
     e.row0 = b * p.T; e.len = p.T;
   }
   if (e.len == 0) return e;  // a zero-length sequence reads and writes nothing
-  bool ok = !(p.has_cache_steps && e.len > p.cache_steps) && !(p.sbi_2d && e.len > p.K_sbi) &&
+  bool ok = !(p.has_cache_steps && e.len > p.cache_steps) && !(p.src_2d && e.len > p.K_src) &&
             !(p.dst_2d && e.len > p.K_dst) && !(p.has_inter && e.len > p.CS);
-  if (ok && p.has_sbi) {
+  if (ok && p.has_src_idx) {
     int64_t col = 0;
-    if (p.has_nacc) {
-      int64_t na = load_index(p.nacc, p.nacc64, b);
-      ok = p.sbi_2d && na >= 0 && na <= p.K_sbi;
+    if (p.has_num_accepted) {
+      int64_t na = load_index(p.num_accepted, p.num_accepted64, b);
+      ok = p.src_2d && na >= 0 && na <= p.K_src;
       col = na > 1 ? na - 1 : 0;
     }
-    ok = ok && (!p.sbi_2d || col < p.K_sbi);
+    ok = ok && (!p.src_2d || col < p.K_src);
     if (ok) {
-      int64_t v = load_index(p.sbi, p.idx64, p.sbi_2d ? b * p.K_sbi + col : b);
+      int64_t v = load_index(p.src_idx, p.idx64, p.src_2d ? b * p.K_src + col : b);
       e.padded = v == p.pad;
       ok = e.padded || slot_ok(v, p.S);
       e.src = v;
