@@ -9,7 +9,7 @@ import functools
 import jax
 import numpy as np
 from jax.extend.core import Primitive
-from jax.interpreters import ad, batching, mlir
+from jax.interpreters import ad, mlir
 
 from . import _contract, _cpu, _ffi
 
@@ -25,14 +25,12 @@ ssu_p = Primitive("jax_mamba_ssu")
 ssu_p.multiple_results = True
 
 
-def call(pb):
-    """The canonical results of one kernel call on Problem pb (the frame of _contract.py)."""
-    operands, results, aliases, attrs = _contract.frame(pb)
-    return ssu_p.bind(*operands,
-                      results=tuple((tuple(r.shape), np.dtype(r.dtype)) for r in results),
-                      aliases=tuple(sorted(aliases.items())),
-                      attrs=tuple(sorted(attrs.items())),
-                      plan=plan_request(pb))
+def bind(operands, results, aliases, attrs, plan):
+    """One kernel call: the primitive on a frame (_contract.frame) and a plan request."""
+    return tuple(ssu_p.bind(
+        *operands, results=tuple((tuple(r.shape), np.dtype(r.dtype)) for r in results),
+        aliases=tuple(sorted(dict(aliases).items())), attrs=tuple(sorted(dict(attrs).items())),
+        plan=tuple(plan)))
 
 
 def plan_request(pb):
@@ -109,18 +107,7 @@ mlir.register_lowering(ssu_p, _lower_cpu, platform="cpu")
 mlir.register_lowering(ssu_p, _lower_cuda, platform="cuda")
 
 
-def _batch(args, dims, *, results, aliases, attrs, plan):
-    """vmap: one call per batch element, in a loop (the FFI call's `sequential` method)."""
-    fn = _ffi_function(results, aliases, attrs)
-    in_axes = [None if d is batching.not_mapped else d for d in dims]
-    outs = jax.vmap(lambda *o: fn(*o), in_axes=in_axes)(*args)
-    return list(outs), [0] * len(outs)
-
-
-batching.primitive_batchers[ssu_p] = _batch
-
-
-def _no_derivative(primals, tangents, **params):
+def _no_derivative(primals, tangents, **params):  # the public op raises first (batching.py)
     raise TypeError(NOT_DIFFERENTIABLE)
 
 

@@ -59,10 +59,7 @@ LOCAL_BAD = -2     # an index that is invalid on every shard and is not LOCAL_PA
 
 def kernel(operands, results, aliases, attrs, plan):
     """The bare kernel call (what a single device runs): the jax_mamba_ssu primitive."""
-    return tuple(_lowering.ssu_p.bind(
-        *operands, results=tuple((tuple(r.shape), np.dtype(r.dtype)) for r in results),
-        aliases=tuple(sorted(dict(aliases).items())), attrs=tuple(sorted(dict(attrs).items())),
-        plan=tuple(plan)))
+    return _lowering.bind(operands, results, aliases, attrs, plan)
 
 
 def replan(plan, **changes):
