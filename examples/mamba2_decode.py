@@ -32,29 +32,21 @@ except ImportError:
     sys.exit(f"{os.path.basename(__file__)} needs flax: pip install \".[examples]\" (or pip install flax)")
 
 import jax_mamba  # noqa: E402
-from mamba2_model import Mamba2Config, backend, init_model, write_prefill  # noqa: E402
+from mamba2_model import (Mamba2Config, add_model_arguments, backend, init_model,  # noqa: E402
+                          write_prefill)
 
 
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--backend", choices=["kernel", "reference"], default="kernel",
-                    help="SSM step of the generation loop (the check runs both)")
-    ap.add_argument("--layers", type=int, default=4)
-    ap.add_argument("--d-model", type=int, default=256)
-    ap.add_argument("--d-state", type=int, default=64)
-    ap.add_argument("--headdim", type=int, default=32)
+    add_model_arguments(ap, layers=4, d_model=256, d_state=64, vocab=512)
     ap.add_argument("--expand", type=int, default=2)
-    ap.add_argument("--ngroups", type=int, default=1)
-    ap.add_argument("--vocab", type=int, default=512)
     ap.add_argument("--chunk-size", type=int, default=16)
-    ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--slots", type=int, default=16, help="cache slots (>= batch)")
     ap.add_argument("--prompt-len", type=int, default=24)
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--state-dtype", choices=["float32", "bfloat16", "float16"],
                     default="float32")
     ap.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
-    ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args(argv)
     if a.slots < a.batch:
         ap.error("--slots must be >= --batch")

@@ -332,3 +332,18 @@ def backend(name):
     """'kernel' -> jax_mamba.selective_state_update, 'reference' -> the pure-jnp twin."""
     return {"kernel": jax_mamba.selective_state_update,
             "reference": jax_mamba.reference.selective_state_update}[name]
+
+
+def add_model_arguments(ap, *, layers, d_model, d_state, vocab, headdim=32, ngroups=1,
+                        batch=4, seed=0):
+    """The command-line options both examples share (model size, backend, batch, seed)."""
+    ap.add_argument("--backend", choices=["kernel", "reference"], default="kernel",
+                    help="SSM step of the decoding loop (the checks run both where noted)")
+    ap.add_argument("--layers", type=int, default=layers)
+    ap.add_argument("--d-model", type=int, default=d_model)
+    ap.add_argument("--d-state", type=int, default=d_state)
+    ap.add_argument("--headdim", type=int, default=headdim)
+    ap.add_argument("--ngroups", type=int, default=ngroups)
+    ap.add_argument("--vocab", type=int, default=vocab)
+    ap.add_argument("--batch", type=int, default=batch)
+    ap.add_argument("--seed", type=int, default=seed)

@@ -46,26 +46,19 @@ except ImportError:
 
 import jax_mamba  # noqa: E402
 from jax_mamba import speculative as spec  # noqa: E402
-from mamba2_model import Mamba2Config, backend, init_model, write_prefill  # noqa: E402
+from mamba2_model import (Mamba2Config, add_model_arguments, backend, init_model,  # noqa: E402
+                          write_prefill)
 
 
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--backend", choices=["kernel", "reference"], default="kernel")
-    ap.add_argument("--layers", type=int, default=2)
-    ap.add_argument("--d-model", type=int, default=128)
-    ap.add_argument("--d-state", type=int, default=32)
-    ap.add_argument("--headdim", type=int, default=32)
-    ap.add_argument("--ngroups", type=int, default=1)
-    ap.add_argument("--vocab", type=int, default=256)
-    ap.add_argument("--batch", type=int, default=4)
+    add_model_arguments(ap, layers=2, d_model=128, d_state=32, vocab=256)
     ap.add_argument("--prompt-len", type=int, default=16)
     ap.add_argument("--draft-tokens", type=int, default=4, help="K drafts per round")
     ap.add_argument("--draft-context", type=int, default=8)
     ap.add_argument("--noise", type=float, default=0.05,
                     help="relative weight perturbation of the draft model")
     ap.add_argument("--rounds", type=int, default=12)
-    ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args(argv)
     if a.prompt_len < max(a.draft_context, 2):
         ap.error("--prompt-len must be >= max(--draft-context, 2)")

@@ -1,5 +1,5 @@
 // Kernels for one state dtype (F32), split per dtype so the build compiles them in parallel.
-#include "ssu_cuda_kernels.cuh"
+#include "ssu_cuda_launch.cuh"
 
 namespace ssu {
 namespace cuda {

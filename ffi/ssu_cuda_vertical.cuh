@@ -1,8 +1,8 @@
 // "vertical" CUDA strategy of selective_state_update (SPEC §3.5): a producer-consumer pipeline
-// of state row tiles through a shared-memory ring. Included from ssu_cuda_kernels.cuh, whose
-// helpers (prologue/Ctx, state vector stores, dt_value, group reductions, ...) it uses.
+// of state row tiles through a shared-memory ring. Uses the row module (ssu_cuda_row.cuh):
+// prologue/Ctx, state vector stores, dt_value, group reductions, run_rows.
 //
-// ssu_vert<ST, IT, NV>: a CTA owns (entry, head, row chunk) like the other kernels. The rows of
+// ssu_vertical<ST, IT, NV>: a CTA owns (entry, head, row chunk) like the other kernels. The rows of
 // one (slot, head) are contiguous in memory, so the chunk's source rows are one contiguous
 // range of rows_cta * N state elements (N % E == 0: every row is a whole number of 16-byte
 // vectors, so every row starts 16-byte aligned). It is streamed in tiles of `tile_rows` rows
@@ -11,18 +11,19 @@
 //     tracked by a per-stage mbarrier (arrive.expect_tx + transaction bytes); the consumers wait
 //     on the stage's phase parity. sm_80: every thread issues 16-byte cp.async.cg copies, one
 //     commit group per tile (empty groups past the end keep the count uniform), wait_group.
-//   * Consumers: the same lane-group layout as ssu_reg (L = 2^lshift lanes per row, NV 16-byte
+//   * Consumers: the same lane-group layout as the register-row kernels (L = 2^lshift lanes per row, NV 16-byte
 //     vectors per lane, R rows per group): a group copies its rows of the tile from shared
 //     memory into fp32 registers, the CTA synchronises (the stage is free) and thread 0 refills
 //     the stage with tile i + kVertStages, then the rows run all T steps in registers (same
-//     math and store order as ssu_reg) with out / state / intermediate stores straight to
+//     math and store order as the register-row kernels) with out / state / intermediate stores straight to
 //     global memory. So while tile i is computed, tiles i+1 .. i+kVertStages are in flight.
 //   * B and C of every step are converted to fp32 once per CTA into shared memory when the
-//     entry has at most l.bc_steps steps (else read from global per step, like ssu_reg).
+//     entry has at most l.bc_steps steps (else read from global per step, like the register-row kernels).
 //   * Padded entries use a zero state and skip the pipeline.
 // Restrictions (make_plan / ops.check_algorithm): N % E == 0 and N <= 256 (NV = 1, or 2 for
 // float32 states with N > 128).
 #pragma once
+#include "ssu_cuda_row.cuh"
 
 namespace ssu {
 namespace cuda {
@@ -101,7 +102,7 @@ __device__ __forceinline__ void cvt_state_vec(const uint4 u, float* v) {
 }  // namespace vert
 
 template <DType ST, DType IT, int NV>
-__global__ void __launch_bounds__(kVertThreads, 6) ssu_vert(const Params p, const Launch l) {
+__global__ void __launch_bounds__(kVertThreads, 6) ssu_vertical(const Params p, const Launch l) {
   using SW = typename Stor<ST>::type;
   constexpr int E = 16 / int(sizeof(SW));
   constexpr int V = E * NV;
@@ -281,9 +282,9 @@ cudaError_t launch_vert(const Params& p, const Plan& pl, dim3 grid, dim3 block,
     kernel<<<grid, block, pl.smem, stream>>>(p, pl.l);
     return cudaSuccess;
   };
-  if (pl.nv == 1) return run(ssu_vert<ST, IT, 1>);
+  if (pl.nv == 1) return run(ssu_vertical<ST, IT, 1>);
   if constexpr (ST == DType::F32) {
-    if (pl.nv == 2) return run(ssu_vert<ST, IT, 2>);
+    if (pl.nv == 2) return run(ssu_vertical<ST, IT, 2>);
   }
   return cudaErrorInvalidConfiguration;
 }

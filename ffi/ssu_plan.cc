@@ -33,13 +33,13 @@ int log2i(int v) {
 
 }  // namespace
 
-// Register kernel (ssu_reg): needs N % E == 0 and N <= 1024, E = 16 / sizeof(state) (4 for
+// Register-row kernels (ssu_simple, ssu_horizontal: ssu_cuda_simple.cuh): needs N % E == 0 and N <= 1024, E = 16 / sizeof(state) (4 for
 // float32, 8 for 16-bit and int16 states).
 //   simple:     NV = smallest of {1,2,4,(8)} with 32*NV*E >= N; L = lanes per row (<= 32).
 //   horizontal: NV = largest with E*NV <= 32 values per lane, reduced while NV/2 vectors
 //               cover the row; L = the remaining lanes (1 for N <= 32 fp32 / 32 16-bit).
 // Generic kernel (ssu_generic): everything else (simple/auto only).
-// Vertical kernel (ssu_vert, ssu_cuda_vertical.cuh): needs N % E == 0 and N <= 256 (else an
+// Vertical kernel (ssu_vertical, ssu_cuda_vertical.cuh): needs N % E == 0 and N <= 256 (else an
 // error). NV = 1 (2 for float32 N > 128),
 //   L = lanes per row as for simple, CTAs of <= kVertThreads threads, tile = groups * R rows
 //   per shared-memory stage (<= 8 KiB), rows_cta = a power-of-two number of tiles, as many as
@@ -113,7 +113,7 @@ bool make_plan(const Params& p, int64_t algorithm, const DeviceInfo& di, Plan* p
              std::to_string(smem) + " for dstate=" + std::to_string(N);
       return false;
     }
-    pl->kernel = Kernel::kVert;
+    pl->kernel = Kernel::kVertical;
     pl->nv = nv;
     pl->threads = threads;
     pl->smem = smem;
@@ -124,7 +124,7 @@ bool make_plan(const Params& p, int64_t algorithm, const DeviceInfo& di, Plan* p
     l.rows_cta = int(std::min<int64_t>(k * tile, P));
   } else if (algorithm != kHorizontal && !p.varlen && p.T == 1 && vec && nvec <= 32 &&
              (nvec & (nvec - 1)) == 0 && p.nb * H >= 6 * int64_t(di.sms)) {
-    // Single-step kernel (persistent, ssu_cuda_step1.cuh): a row is VPR = nvec vectors, one
+    // Single-step kernel (persistent, ssu_simple_step1, ssu_cuda_simple_step1.cuh): a row is VPR = nvec vectors, one
     // per lane of a VPR-lane group; a thread holds KV rows of a batch; an item is an entry's
     // chunk of HC heads, so the index resolution is paid once per HC * P rows. HC: as many
     // heads as leave >= 2 items per resident CTA (3 per SM at KV = 2). With fewer than that
@@ -139,7 +139,7 @@ bool make_plan(const Params& p, int64_t algorithm, const DeviceInfo& di, Plan* p
     const int64_t want_items = 2 * 3 * int64_t(di.sms);
     int hc = 1;
     while (hc * 2 <= H && H % (hc * 2) == 0 && p.nb * (H / (hc * 2)) >= want_items) hc *= 2;
-    pl->kernel = Kernel::kStep1;
+    pl->kernel = Kernel::kSimpleStep1;
     pl->nv = kv;
     pl->threads = threads;
     pl->smem = 0;
@@ -174,7 +174,7 @@ bool make_plan(const Params& p, int64_t algorithm, const DeviceInfo& di, Plan* p
     if (rows_override() > 0) R = std::min(rmax, rows_override());
     int64_t ng = std::min<int64_t>(256 / L, ceil_div(P, R));
     int threads = int(std::min<int64_t>(256, ceil_div(ng * L, 32) * 32));
-    pl->kernel = Kernel::kReg;
+    pl->kernel = algorithm == kHorizontal ? Kernel::kHorizontal : Kernel::kSimple;
     pl->nv = nv;
     pl->threads = threads;
     pl->smem = 0;
@@ -200,7 +200,7 @@ bool make_plan(const Params& p, int64_t algorithm, const DeviceInfo& di, Plan* p
     l.rows_cta = warps;
   }
   pl->sms = di.sms;
-  if (pl->kernel == Kernel::kStep1) {  // items: (entry, chunk of heads_item heads)
+  if (pl->kernel == Kernel::kSimpleStep1) {  // items: (entry, chunk of heads_item heads)
     l.chunks = ceil_div(H, l.heads_item);
     l.main_blocks = p.nb * l.chunks;
   } else {
@@ -222,10 +222,11 @@ bool make_plan(const Params& p, int64_t algorithm, const DeviceInfo& di, Plan* p
 
 const char* kernel_name(Kernel k) {
   switch (k) {
-    case Kernel::kReg: return "ssu_reg";
+    case Kernel::kSimple: return "ssu_simple";
+    case Kernel::kHorizontal: return "ssu_horizontal";
     case Kernel::kGeneric: return "ssu_generic";
-    case Kernel::kVert: return "ssu_vert";
-    case Kernel::kStep1: return "ssu_step1";
+    case Kernel::kVertical: return "ssu_vertical";
+    case Kernel::kSimpleStep1: return "ssu_simple_step1";
     default: return "none";
   }
 }

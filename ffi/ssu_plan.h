@@ -33,7 +33,10 @@ struct Launch {
 // per lane (host and device must agree).
 constexpr int rows_per_lane(int V) { return V <= 4 ? 4 : (V <= 8 ? 2 : 1); }
 
-enum class Kernel : int { kNone = 0, kReg = 1, kGeneric = 2, kVert = 3, kStep1 = 4 };
+// One kernel per strategy (ssu_cuda_<strategy>.cuh), named as users name the strategy.
+enum class Kernel : int {
+  kNone = 0, kSimple = 1, kHorizontal = 2, kGeneric = 3, kVertical = 4, kSimpleStep1 = 5
+};
 
 // Vertical kernel (ssu_cuda_vertical.cuh): shared-memory ring depth, most threads per CTA, and
 // the bytes of one stage of `tile_rows` state rows of N elements (128-byte aligned stages).

@@ -108,8 +108,8 @@ def test_main_writes_json(tmp_path):
 
 NCU_CSV = '''==PROF== Connected to process 123
 "ID","Process ID","Process Name","Host Name","Kernel Name","Context","Stream","Block Size","Grid Size","Device","CC","Section Name","Metric Name","Metric Unit","Metric Value"
-"0","123","python","h","ssu_reg<...>","1","7","(128, 1, 1)","(64, 1, 1)","0","9.0","Command line profiler metrics","gpu__time_duration.sum","usecond","1,012.50"
-"1","123","python","h","ssu_reg<...>","1","7","(128, 1, 1)","(64, 1, 1)","0","9.0","Command line profiler metrics","gpu__time_duration.sum","nsecond","2000"
+"0","123","python","h","ssu_simple<...>","1","7","(128, 1, 1)","(64, 1, 1)","0","9.0","Command line profiler metrics","gpu__time_duration.sum","usecond","1,012.50"
+"1","123","python","h","ssu_simple<...>","1","7","(128, 1, 1)","(64, 1, 1)","0","9.0","Command line profiler metrics","gpu__time_duration.sum","nsecond","2000"
 '''
 
 
@@ -128,7 +128,7 @@ def test_profile_plumbing_with_a_fake_ncu(tmp_path, monkeypatch):
     """The ncu command line, the --profile-child run (here on the CPU) and the CSV read back;
     a stand-in ncu runs the command and writes two 1000 ns kernels."""
     fake = tmp_path / "ncu"
-    row = '"{i}","1","python","h","ssu_reg","1","7","(1, 1, 1)","(1, 1, 1)","0","9.0","s",' \
+    row = '"{i}","1","python","h","ssu_simple","1","7","(1, 1, 1)","(1, 1, 1)","0","9.0","s",' \
           '"gpu__time_duration.sum","nsecond","1000"'
     header = NCU_CSV.splitlines()[1]
     fake.write_text("#!/bin/sh\nwhile [ \"$1\" != --log-file ]; do shift; done\nlog=$2; shift 2\n"

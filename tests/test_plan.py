@@ -17,18 +17,18 @@ def plan(algorithm="auto", S=64, H=80, P=64, N=128, nb=64, T=1, rows=None, dtype
 
 
 @pytest.mark.parametrize("kw,kernel", [
-    (dict(), "ssu_step1"),                           # SPEC §5 decode row: persistent STP kernel
-    (dict(nb=1), "ssu_reg"),                         # too few (entry, head) pairs to persist
-    (dict(T=4), "ssu_reg"),                          # MTP
-    (dict(varlen=True, nb=8, T=0, rows=20), "ssu_reg"),
+    (dict(), "ssu_simple_step1"),                           # SPEC §5 decode row: persistent STP kernel
+    (dict(nb=1), "ssu_simple"),                         # too few (entry, head) pairs to persist
+    (dict(T=4), "ssu_simple"),                          # MTP
+    (dict(varlen=True, nb=8, T=0, rows=20), "ssu_simple"),
     (dict(N=12), "ssu_generic"),                     # not whole 16-byte vectors
     (dict(N=2048), "ssu_generic"),                   # more than a warp of vectors
-    (dict(algorithm="simple"), "ssu_step1"),
-    (dict(algorithm="horizontal"), "ssu_reg"),       # per-thread columns: never the STP kernel
-    (dict(algorithm="vertical"), "ssu_vert"),
+    (dict(algorithm="simple"), "ssu_simple_step1"),
+    (dict(algorithm="horizontal"), "ssu_horizontal"),       # per-thread columns: never the STP kernel
+    (dict(algorithm="vertical"), "ssu_vertical"),
     (dict(nb=0), "none"),                            # empty batch: nothing to launch
-    (dict(varlen=True, nb=0, T=0, rows=5), "ssu_reg"),  # no sequences, yet rows to zero
-    (dict(dtype="float32", N=16), "ssu_step1"),
+    (dict(varlen=True, nb=0, T=0, rows=5), "ssu_simple"),  # no sequences, yet rows to zero
+    (dict(dtype="float32", N=16), "ssu_simple_step1"),
 ])
 def test_kernel_choice(kw, kernel):
     assert plan(**kw) == (kernel, "")
@@ -55,4 +55,4 @@ def test_refusals_say_why(kw, words):
 def test_vertical_accepts_what_it_documents():
     for dtype, E in (("float32", 4), ("bfloat16", 8), ("int16", 8)):
         for N in (E, 64, 256):
-            assert plan(algorithm="vertical", N=N, dtype=dtype)[0] == "ssu_vert", (dtype, N)
+            assert plan(algorithm="vertical", N=N, dtype=dtype)[0] == "ssu_vertical", (dtype, N)

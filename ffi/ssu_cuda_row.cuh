@@ -1,20 +1,13 @@
-// CUDA kernels of selective_state_update (SPEC §3) on ssu::Params.
+// The device-side row/step module every CUDA strategy shares: typed loads and stores of the
+// state and inputs (int16 scales, stochastic rounding), the recurrence's helpers, group
+// reductions, the CTA prologue (grid decomposition, varlen coverage and zero fill, invalid
+// entries) and run_rows, the T steps of a lane group's rows held in registers.
 //
-// Two kernels, both templated only on the state dtype ST and the input dtype IT (x/B/C/z/out):
-//
-//  * ssu_reg<ST, IT, NV>: the fast path. A state row (one (slot, head, p)) is owned by a group
-//    of L = 2^lshift lanes (L <= 32, runtime); lane `j` holds NV 16-byte vectors of the row
-//    (columns [(j + k*L)*E, +E), E = 16 / sizeof(state)), converted to fp32 registers. A lane
-//    group owns R rows (R <= RMAX(E*NV), runtime) so R rows' loads are in flight at once and
-//    B/C are loaded once per step for all R rows. The fp32 state stays in registers across
-//    all T steps; out[row] = group-shuffle reduction. Needs N % E == 0 and N/E <= 32*NV.
-//    "simple" = the widest groups (L up to 32, a warp sweeping a row); "horizontal" = the
-//    narrowest groups (up to 32 values per lane accumulated sequentially, L as small as 1).
-//  * ssu_generic<ST, IT>: any N. One warp per row, fp32 state row in shared memory, scalar
-//    loads. Used when N is not a multiple of E or too large for the register kernel.
-//  * ssu_vert<ST, IT, NV> (ssu_cuda_vertical.cuh, algorithm "vertical"): the register
-//    kernel's lane-group layout fed by a shared-memory ring of row tiles (bulk async copies
-//    with mbarriers on sm_90, cp.async on sm_80). Needs N % E == 0 and N <= 256.
+// Strategies (one file each, named as users pass `algorithm`; planned in ssu_plan.cc, launched
+// by ssu_cuda_launch.cuh): ssu_cuda_simple.cuh (lane groups up to a warp per row; its
+// single-step persistent form in ssu_cuda_simple_step1.cuh), ssu_cuda_horizontal.cuh (few
+// lanes, many columns each), ssu_cuda_vertical.cuh (shared-memory ring of row tiles) and the
+// generic fallback ssu_cuda_generic.cuh (any dstate).
 //
 // Every CTA works on one (entry, head, row chunk): entry = batch row or varlen sequence, so
 // resolve_entry (ssu_params.h) runs uniformly per CTA on device-resident indices.
@@ -338,10 +331,10 @@ __device__ __forceinline__ bool prologue(const Params& p, const Launch& l, Ctx& 
 }
 
 // ---------------------------------------------------------------------------------------------
-// register kernel
+// run_rows: the T steps of the register-row kernels
 // ---------------------------------------------------------------------------------------------
 
-// The T steps of the register-row kernels (ssu_reg, ssu_vert) on the RM rows a lane group
+// The T steps of the register-row kernels (simple, horizontal, vertical) on the RM rows a lane group
 // holds decoded in `s` (fp32, NV 16-byte vectors per lane): recurrence, group reduction, out,
 // and the state / intermediate stores. Rows: hp[r] (head*P + p), active where bit r of `act`.
 // load_bc(t, k, Bk, Ck) writes the E values of step t's B and C at this lane's vector k; with
@@ -467,233 +460,6 @@ __device__ __forceinline__ void run_rows(const Params& p, const Ctx& c, int L, i
     if (d >= 0) store_rows(p.state, p.state_scale, int64_t(d) * HP, uint32_t(t), 0u);
     if (c.ii >= 0 && t < p.CS)
       store_rows(p.inter, p.inter_scales, (int64_t(c.ii) * p.CS + t) * HP, uint32_t(t), 1u);
-  }
-}
-
-// Occupancy floor: 4 CTAs of 256 threads (64 registers) for up to 8 state values per lane,
-// 2 CTAs (128 registers) above. Rows per lane group: rows_per_lane() in ssu_cuda_plan.cuh.
-template <DType ST, int NV>
-struct RegMinBlocks {
-  static constexpr int value = 16 / int(sizeof(typename Stor<ST>::type)) * NV <= 8 ? 4 : 2;
-};
-
-template <DType ST, DType IT, int NV>
-__global__ void __launch_bounds__(256, RegMinBlocks<ST, NV>::value)
-    ssu_reg(const Params p, const Launch l) {
-  constexpr int E = 16 / int(sizeof(typename Stor<ST>::type));
-  constexpr int V = E * NV;
-  constexpr int RM = rows_per_lane(V);
-
-  Ctx c;
-  if (!prologue<IT>(p, l, c)) return;
-  const int L = 1 << l.lshift;
-  const int lane = threadIdx.x & (L - 1);
-  const int NG = blockDim.x >> l.lshift;
-  // H*P < 2^31 (checked on the host): row ids within a slot fit in 32 bits; element offsets
-  // below are 64-bit.
-  const int HP = int(p.H * p.P);
-  const int h = int(c.h);
-  const int64_t N = p.N;
-  const int g = h / (int(p.H) / int(p.G));
-  const int nvec = int(N / E);
-
-  int hp[RM];
-  unsigned act = 0;  // bit r: row r of this lane group exists
-  {
-    const int p0 = int(c.chunk) * l.rows_cta + (threadIdx.x >> l.lshift);
-#pragma unroll
-    for (int r = 0; r < RM; ++r) {
-      const int pr = p0 + r * NG;
-      const bool a = r < l.R && pr < p.P;
-      act |= unsigned(a) << r;
-      hp[r] = h * int(p.P) + (a ? pr : 0);
-    }
-  }
-  auto on = [&](int r) { return (act >> r) & 1u; };
-  auto vok = [&](int k) { return lane + k * L < nvec; };
-  auto col = [&](int k) { return int64_t(lane + k * L) * E; };
-
-  // ---- load the source rows (zeros when padded) ----
-  float s[RM][V];
-#pragma unroll
-  for (int r = 0; r < RM; ++r)
-#pragma unroll
-    for (int i = 0; i < V; ++i) s[r][i] = 0.f;
-  if (!c.padded) {
-    const int64_t base = int64_t(c.src) * HP;
-#pragma unroll
-    for (int r = 0; r < RM; ++r) {
-      if (!on(r)) continue;
-#pragma unroll
-      for (int k = 0; k < NV; ++k)
-        if (vok(k)) ld_state_vec<ST, E>(p.state, (base + hp[r]) * N + col(k), &s[r][k * E]);
-    }
-    if constexpr (ST == DType::I16) {
-#pragma unroll
-      for (int r = 0; r < RM; ++r) {
-        const float sc = on(r) ? p.state_scale[base + hp[r]] : 0.f;
-#pragma unroll
-        for (int i = 0; i < V; ++i) s[r][i] *= sc;
-      }
-    }
-  }
-
-  run_rows<ST, IT, NV>(p, c, L, lane, hp, act, s,
-                       [&](int t, int k, float* Bk, float* Ck) {
-                         const int64_t bc = (int64_t(c.row0 + t) * p.G + g) * N;
-                         ld_in_vec<IT, E>(p.B, bc + col(k), *reinterpret_cast<float(*)[E]>(Bk));
-                         ld_in_vec<IT, E>(p.C, bc + col(k), *reinterpret_cast<float(*)[E]>(Ck));
-                       });
-}
-
-// ---------------------------------------------------------------------------------------------
-// generic kernel: any N, one warp per row, fp32 state row in shared memory
-// ---------------------------------------------------------------------------------------------
-
-template <DType ST, DType IT>
-__global__ void __launch_bounds__(128) ssu_generic(const Params p, const Launch l) {
-  extern __shared__ float smem[];
-  constexpr bool kSR = ST == DType::BF16 || ST == DType::F16;
-  Ctx c;
-  if (!prologue<IT>(p, l, c)) return;
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const int64_t H = p.H, P = p.P, N = p.N, HP = H * P;
-  const int64_t h = c.h, g = c.h / (int(p.H) / int(p.G));
-  const int64_t pr = c.chunk * l.rows_cta + warp;
-  if (pr >= P) return;  // whole warp
-  const int64_t hp = h * P + pr;
-  float* s = smem + int64_t(warp) * N;  // each lane touches only its columns n = lane mod 32
-
-  if (c.padded) {
-    for (int64_t n = lane; n < N; n += 32) s[n] = 0.f;
-  } else {
-    const int64_t off = (int64_t(c.src) * HP + hp) * N;
-    const float sc = ST == DType::I16 ? p.state_scale[int64_t(c.src) * HP + hp] : 1.f;
-    for (int64_t n = lane; n < N; n += 32) s[n] = ld_state_scalar<ST>(p.state, off + n) * sc;
-  }
-  const float Dv = p.has_D ? ld_w(p.D, p.param_t, p.D_elem ? hp : h) : 0.f;
-  const float bias = p.has_dt_bias ? ld_w(p.dt_bias, p.param_t, p.bias_elem ? hp : h) : 0.f;
-  const float Ah = p.A_elem ? 0.f : __ldg(p.A + h);
-  const StoreCtx sx = store_ctx(p, kSR);
-
-  auto store_row = [&](void* base, float* scales, int64_t rb, uint32_t t, uint32_t kind) {
-    float sc = 1.f;
-    if constexpr (ST == DType::I16) {
-      float am = 0.f;
-      for (int64_t n = lane; n < N; n += 32) am = fmaxf(am, fabsf(s[n]));
-      am = group_max<32>(am, 32);
-      sc = int16_scale(am);
-      if (lane == 0) scales[rb + hp] = sc;
-    }
-    const int64_t off = (rb + hp) * N;
-    for (int64_t n = lane; n < N; n += 32) st_state_scalar<ST>(base, off + n, s[n], sc, sx, t, kind);
-  };
-
-  for (int t = 0; t < c.len; ++t) {
-    const int64_t row = c.row0 + t;
-    const int64_t bc = (row * p.G + g) * N;
-    const float dt = dt_value(p, row, h, hp, bias);
-    const float xv = ld_scalar<IT>(p.x, row * HP + hp);
-    const float dAh = __expf(Ah * dt);
-    float y = 0.f;
-    for (int64_t n = lane; n < N; n += 32) {
-      const float a = p.A_elem ? __expf(__ldg(p.A + hp * N + n) * dt) : dAh;
-      const float sv = s[n] * a + (ld_scalar<IT>(p.B, bc + n) * dt) * xv;
-      s[n] = sv;
-      y += sv * ld_scalar<IT>(p.C, bc + n);
-    }
-    y = group_sum<32>(y, 32);
-    if (lane == 0) {
-      float v = y + Dv * xv;
-      if (p.has_z) v = dev_gate(v, ld_scalar<IT>(p.z, row * HP + hp));
-      st_out<IT>(p.out, row * HP + hp, v);
-    }
-    const int d = c.write_slot(p, t);
-    if (d >= 0) store_row(p.state, p.state_scale, int64_t(d) * HP, uint32_t(t), 0u);
-    if (c.ii >= 0 && t < p.CS)
-      store_row(p.inter, p.inter_scales, (c.ii * p.CS + t) * HP, uint32_t(t), 1u);
-  }
-}
-
-}  // namespace cuda
-}  // namespace ssu
-
-#include "ssu_cuda_vertical.cuh"
-#include "ssu_cuda_step1.cuh"
-
-namespace ssu {
-namespace cuda {
-
-// ---------------------------------------------------------------------------------------------
-// host-side launch for one state dtype (instantiated in ssu_cuda_<dtype>.cu)
-// ---------------------------------------------------------------------------------------------
-
-// Persistent launch: as many CTAs as are resident at once (occupancy queried once per block
-// size and instantiation; a host-only query, so command-buffer capture is unaffected).
-template <DType ST, DType IT, int KV>
-cudaError_t launch_step1(const Params& p, const Plan& pl, cudaStream_t stream) {
-  static std::atomic<int> per_sm[9] = {};
-  const int slot = pl.threads / 32;
-  int bps = per_sm[slot].load(std::memory_order_relaxed);
-  if (bps == 0) {
-    cudaError_t err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&bps, ssu_step1<ST, IT, KV>,
-                                                                    pl.threads, 0);
-    if (err != cudaSuccess) return err;
-    bps = bps > 0 ? bps : 1;
-    per_sm[slot].store(bps, std::memory_order_relaxed);
-  }
-  const int64_t resident = int64_t(bps) * pl.sms;
-  const int64_t blocks = pl.l.main_blocks < resident ? pl.l.main_blocks : resident;
-  ssu_step1<ST, IT, KV><<<dim3(unsigned(blocks)), dim3(unsigned(pl.threads)), 0, stream>>>(p, pl.l);
-  return cudaSuccess;
-}
-
-template <DType ST, DType IT>
-cudaError_t launch_input(const Params& p, const Plan& pl, cudaStream_t stream) {
-  const int64_t blocks = pl.l.main_blocks + pl.l.zero_blocks;
-  const dim3 grid(static_cast<unsigned>(blocks)), block(static_cast<unsigned>(pl.threads));
-  if (pl.kernel == Kernel::kVert) return launch_vert<ST, IT>(p, pl, grid, block, stream);
-  if (pl.kernel == Kernel::kStep1) {
-    switch (pl.nv) {
-      case 1: return launch_step1<ST, IT, 1>(p, pl, stream);
-      case 2: return launch_step1<ST, IT, 2>(p, pl, stream);
-      case 4: return launch_step1<ST, IT, 4>(p, pl, stream);
-      case 8: return launch_step1<ST, IT, 8>(p, pl, stream);
-      default: return cudaErrorInvalidConfiguration;
-    }
-  }
-  if (pl.kernel == Kernel::kGeneric) {
-    if (pl.smem > 48 * 1024) {
-      cudaError_t err = cudaFuncSetAttribute(ssu_generic<ST, IT>,
-                                             cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                             static_cast<int>(pl.smem));
-      if (err != cudaSuccess) return err;
-    }
-    ssu_generic<ST, IT><<<grid, block, pl.smem, stream>>>(p, pl.l);
-    return cudaSuccess;
-  }
-  switch (pl.nv) {
-    case 1: ssu_reg<ST, IT, 1><<<grid, block, 0, stream>>>(p, pl.l); break;
-    case 2: ssu_reg<ST, IT, 2><<<grid, block, 0, stream>>>(p, pl.l); break;
-    case 4: ssu_reg<ST, IT, 4><<<grid, block, 0, stream>>>(p, pl.l); break;
-    case 8:
-      if constexpr (ST == DType::F32) {
-        ssu_reg<ST, IT, 8><<<grid, block, 0, stream>>>(p, pl.l);
-        break;
-      }
-      return cudaErrorInvalidConfiguration;
-    default: return cudaErrorInvalidConfiguration;
-  }
-  return cudaSuccess;
-}
-
-template <DType ST>
-cudaError_t launch_state(const Params& p, const Plan& pl, cudaStream_t stream) {
-  switch (p.input_t) {
-    case DType::F32: return launch_input<ST, DType::F32>(p, pl, stream);
-    case DType::BF16: return launch_input<ST, DType::BF16>(p, pl, stream);
-    case DType::F16: return launch_input<ST, DType::F16>(p, pl, stream);
-    default: return cudaErrorInvalidValue;
   }
 }
 

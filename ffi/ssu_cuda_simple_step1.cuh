@@ -1,8 +1,8 @@
-// Single-step kernel (entries of exactly one step: STP, MTP with T = 1), used by "simple" and
-// "auto". Included from ssu_cuda_kernels.cuh, whose helpers (prologue/Ctx, vector loads and
-// stores, dt_value, group reductions) it uses.
+// Strategy "simple" for entries of exactly one step (STP, MTP with T = 1), also chosen by
+// "auto": a persistent form of the register-row layout. Uses the row module's helpers
+// (prologue/Ctx, vector loads and stores, dt_value, group reductions).
 //
-// ssu_step1<ST, IT, KV>: a work item is (entry, head, row chunk); a persistent CTA loops over
+// ssu_simple_step1<ST, IT, KV>: a work item is (entry, head, row chunk); a persistent CTA loops over
 // items, loading the next while computing the current one. A state row is VPR = N / E
 // 16-byte vectors (VPR a power of two <= 32); lane j of each group of VPR consecutive lanes
 // owns column block j of every row it touches, so its B and C vectors are loaded once. A thread
@@ -12,6 +12,7 @@
 // be held in fp32 as a whole, which is what lets KV grow without spilling (the register-row
 // kernel keeps RM x V fp32 values live across the steps).
 #pragma once
+#include "ssu_cuda_row.cuh"
 
 namespace ssu {
 namespace cuda {
@@ -264,7 +265,7 @@ struct Step1MinBlocks {
 // their batches; the loads of the next batch (of this item or the next) are issued before the
 // current batch is computed, so every thread keeps KV state vectors in flight throughout.
 template <DType ST, DType IT, int KV>
-__global__ void __launch_bounds__(256, Step1MinBlocks<KV>::value) ssu_step1(const Params p, const Launch l) {
+__global__ void __launch_bounds__(256, Step1MinBlocks<KV>::value) ssu_simple_step1(const Params p, const Launch l) {
   using W = Step1<ST, IT, KV>;
   const W w{p, l, 1 << l.lshift, int(threadIdx.x) & ((1 << l.lshift) - 1),
             int(blockDim.x) >> l.lshift};
