@@ -4,13 +4,21 @@
 # nvcc). The CUDA runtime is linked statically.
 find_package(CUDAToolkit REQUIRED)
 
+# One translation unit per (state dtype, input dtype) pair: the kernels are templates on both,
+# and 12 units let a many-core build compile them in parallel.
+set(JAX_MAMBA_CUDA_INSTANCES "")
+foreach(STATE F32 BF16 F16 I16)
+  foreach(INPUT F32 BF16 F16)
+    set(unit "${CMAKE_CURRENT_BINARY_DIR}/generated/ssu_cuda_${STATE}_${INPUT}.cu")
+    configure_file(ffi/ssu_cuda_instance.cu.in "${unit}" @ONLY)
+    list(APPEND JAX_MAMBA_CUDA_INSTANCES "${unit}")
+  endforeach()
+endforeach()
+
 add_library(jax_mamba_cuda_kernels STATIC
   ffi/ssu_cuda.cu
   ffi/ssu_plan.cc
-  ffi/ssu_cuda_f32.cu
-  ffi/ssu_cuda_bf16.cu
-  ffi/ssu_cuda_f16.cu
-  ffi/ssu_cuda_i16.cu
+  ${JAX_MAMBA_CUDA_INSTANCES}
   ffi/copy_cuda.cu)
 target_include_directories(jax_mamba_cuda_kernels SYSTEM PRIVATE ${XLA_FFI_INCLUDE_DIR})
 target_include_directories(jax_mamba_cuda_kernels PRIVATE ffi)

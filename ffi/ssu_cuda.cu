@@ -39,6 +39,27 @@ cudaError_t device_info(DeviceInfo* out) {
   return cudaSuccess;
 }
 
+// The instantiation for the call's (state, input) dtypes.
+template <DType ST>
+cudaError_t launch_for_state(const Params& p, const Plan& plan, cudaStream_t stream) {
+  switch (p.input_t) {
+    case DType::F32: return launch_input<ST, DType::F32>(p, plan, stream);
+    case DType::BF16: return launch_input<ST, DType::BF16>(p, plan, stream);
+    case DType::F16: return launch_input<ST, DType::F16>(p, plan, stream);
+    default: return cudaErrorInvalidValue;
+  }
+}
+
+cudaError_t launch(const Params& p, const Plan& plan, cudaStream_t stream) {
+  switch (p.state_t) {
+    case DType::F32: return launch_for_state<DType::F32>(p, plan, stream);
+    case DType::BF16: return launch_for_state<DType::BF16>(p, plan, stream);
+    case DType::F16: return launch_for_state<DType::F16>(p, plan, stream);
+    case DType::I16: return launch_for_state<DType::I16>(p, plan, stream);
+  }
+  return cudaErrorInvalidValue;
+}
+
 ffi::Error SsuCuda(cudaStream_t stream SSU_HANDLER_PARAMS) {
   Call call = SSU_CALL;
   Params p;
@@ -60,12 +81,7 @@ ffi::Error SsuCuda(cudaStream_t stream SSU_HANDLER_PARAMS) {
   }
   if (plan.kernel == Kernel::kNone) return ffi::Error::Success();
   cudaError_t err = cudaErrorInvalidValue;
-  switch (p.state_t) {
-    case DType::F32: err = launch_state<DType::F32>(p, plan, stream); break;
-    case DType::BF16: err = launch_state<DType::BF16>(p, plan, stream); break;
-    case DType::F16: err = launch_state<DType::F16>(p, plan, stream); break;
-    case DType::I16: err = launch_state<DType::I16>(p, plan, stream); break;
-  }
+  err = launch(p, plan, stream);
   if (err == cudaSuccess) err = cudaGetLastError();
   if (err != cudaSuccess)
     return ffi::Error::Internal(std::string("jax_mamba_ssu: CUDA launch failed: ") +

@@ -1,5 +1,6 @@
-// The one launcher: the kernel of a plan (ssu_plan.h) for one state dtype, instantiated in
-// ssu_cuda_<dtype>.cu (split per state dtype so the build compiles them in parallel).
+// The one launcher: the kernel of a plan (ssu_plan.h) for one (state dtype, input dtype) pair,
+// instantiated once per pair in a translation unit the build generates from
+// ssu_cuda_instance.cu.in, so that a many-core build compiles the 12 pairs in parallel.
 #pragma once
 #include <atomic>
 #include <type_traits>
@@ -84,16 +85,6 @@ cudaError_t launch_input(const Params& p, const Plan& pl, cudaStream_t stream) {
   }
   if (pl.kernel == Kernel::kHorizontal) return launch_rows<ST, IT, true>(p, pl, grid, block, stream);
   return launch_rows<ST, IT, false>(p, pl, grid, block, stream);
-}
-
-template <DType ST>
-cudaError_t launch_state(const Params& p, const Plan& pl, cudaStream_t stream) {
-  switch (p.input_t) {
-    case DType::F32: return launch_input<ST, DType::F32>(p, pl, stream);
-    case DType::BF16: return launch_input<ST, DType::BF16>(p, pl, stream);
-    case DType::F16: return launch_input<ST, DType::F16>(p, pl, stream);
-    default: return cudaErrorInvalidValue;
-  }
 }
 
 }  // namespace cuda

@@ -8,9 +8,10 @@
 namespace ssu {
 namespace cuda {
 
-// Defined (and explicitly instantiated) in ssu_cuda_<dtype>.cu.
-template <DType ST>
-cudaError_t launch_state(const Params& p, const Plan& plan, cudaStream_t stream);
+// Defined in ssu_cuda_launch.cuh, explicitly instantiated per (state, input) dtype pair in the
+// generated ssu_cuda_<state>_<input>.cu.
+template <DType ST, DType IT>
+cudaError_t launch_input(const Params& p, const Plan& plan, cudaStream_t stream);
 
 }  // namespace cuda
 }  // namespace ssu

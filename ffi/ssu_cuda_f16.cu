@@ -1,8 +1,0 @@
-// Kernels for one state dtype (F16), split per dtype so the build compiles them in parallel.
-#include "ssu_cuda_launch.cuh"
-
-namespace ssu {
-namespace cuda {
-template cudaError_t launch_state<DType::F16>(const Params&, const Plan&, cudaStream_t);
-}  // namespace cuda
-}  // namespace ssu
