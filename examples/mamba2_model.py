@@ -27,7 +27,12 @@ from typing import Callable, Optional
 
 import jax
 import jax.numpy as jnp
-from flax import nnx
+
+try:
+    from flax import nnx
+except ImportError:  # the examples' one dependency beyond jax_mamba
+    raise SystemExit("the Mamba-2 examples need flax: pip install \".[examples]\" "
+                     "(or pip install flax)") from None
 
 import jax_mamba
 from jax_mamba.cache import LayerCache, allocate_layer_cache, scan_layers

@@ -39,15 +39,11 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-try:
-    from flax import nnx  # noqa: E402
-except ImportError:
-    sys.exit(f"{os.path.basename(__file__)} needs flax: pip install \".[examples]\" (or pip install flax)")
 
 import jax_mamba  # noqa: E402
 from jax_mamba import speculative as spec  # noqa: E402
 from mamba2_model import (Mamba2Config, add_model_arguments, backend, init_model,  # noqa: E402
-                          write_prefill)
+                          nnx, write_prefill)
 
 
 def parse_args(argv=None):

@@ -102,11 +102,9 @@ __device__ __forceinline__ void ld_in_vec(const void* base, int64_t i, float (&v
   }
 }
 
-// One 16-byte state vector (E elements) -> fp32 (streaming load: read once, written once).
-template <DType ST, int E>
-__device__ __forceinline__ void ld_state_vec(const void* base, int64_t i, float* v) {
-  const uint4 u = __ldcs(reinterpret_cast<const uint4*>(
-      static_cast<const typename Stor<ST>::type*>(base) + i));
+// The E elements of one 16-byte state vector (raw words, e.g. from shared memory) -> fp32.
+template <DType ST>
+__device__ __forceinline__ void cvt_state_vec(const uint4 u, float* v) {
   if constexpr (ST == DType::F32) {
     v[0] = __uint_as_float(u.x); v[1] = __uint_as_float(u.y);
     v[2] = __uint_as_float(u.z); v[3] = __uint_as_float(u.w);
@@ -118,6 +116,14 @@ __device__ __forceinline__ void ld_state_vec(const void* base, int64_t i, float*
       v[2 * j + 1] = half_word<ST>(w[j], 1);
     }
   }
+}
+
+// One 16-byte state vector (E elements) -> fp32 (streaming load: read once, written once).
+template <DType ST, int E>
+__device__ __forceinline__ void ld_state_vec(const void* base, int64_t i, float* v) {
+  cvt_state_vec<ST>(__ldcs(reinterpret_cast<const uint4*>(
+                        static_cast<const typename Stor<ST>::type*>(base) + i)),
+                    v);
 }
 
 struct StoreCtx {  // what a state store needs besides the values

@@ -17,21 +17,6 @@
 namespace ssu {
 namespace cuda {
 
-template <DType ST>
-__device__ __forceinline__ void cvt_raw_vec(const uint4 u, float* v) {
-  if constexpr (ST == DType::F32) {
-    v[0] = __uint_as_float(u.x); v[1] = __uint_as_float(u.y);
-    v[2] = __uint_as_float(u.z); v[3] = __uint_as_float(u.w);
-  } else {
-    const uint32_t w[4] = {u.x, u.y, u.z, u.w};
-#pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      v[2 * j] = half_word<ST>(w[j], 0);
-      v[2 * j + 1] = half_word<ST>(w[j], 1);
-    }
-  }
-}
-
 // Raw words of E consecutive input elements (16 bytes for 16-bit inputs with E = 8).
 template <DType IT, int E>
 struct InRaw {
@@ -193,7 +178,7 @@ struct Step1 {
       const int pp = on ? row_of(qb, k) : 0;
       const int hp = hp0 + pp;
       float s[E];
-      cvt_raw_vec<ST>(ld.raw[k], s);
+      cvt_state_vec<ST>(ld.raw[k], s);
       if constexpr (ST == DType::I16) {
 #pragma unroll
         for (int i = 0; i < E; ++i) s[i] *= ld.qs[k];

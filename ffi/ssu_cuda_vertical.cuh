@@ -83,21 +83,6 @@ __device__ __forceinline__ void cp_async_wait() {
 }
 #endif
 
-// One 16-byte state vector already in shared memory -> E fp32 values (as ld_state_vec).
-template <DType ST>
-__device__ __forceinline__ void cvt_state_vec(const uint4 u, float* v) {
-  if constexpr (ST == DType::F32) {
-    v[0] = __uint_as_float(u.x); v[1] = __uint_as_float(u.y);
-    v[2] = __uint_as_float(u.z); v[3] = __uint_as_float(u.w);
-  } else {
-    const uint32_t w[4] = {u.x, u.y, u.z, u.w};
-#pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      v[2 * j] = half_word<ST>(w[j], 0);
-      v[2 * j + 1] = half_word<ST>(w[j], 1);
-    }
-  }
-}
 
 }  // namespace vert
 
@@ -229,7 +214,7 @@ __global__ void __launch_bounds__(kVertThreads, 6) ssu_vertical(const Params p, 
 #pragma unroll
         for (int k = 0; k < NV; ++k)
           if (vok(k))
-            vert::cvt_state_vec<ST>(
+            cvt_state_vec<ST>(
                 *reinterpret_cast<const uint4*>(rowp + col(k) * int64_t(sizeof(SW))),
                 &s[r][k * E]);
       }
