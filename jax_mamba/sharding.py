@@ -13,7 +13,8 @@ from jax import lax
 from jax.experimental.custom_partitioning import custom_partitioning
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from . import _contract, _lowering
+from . import _contract, _lowering, reference
+from ._problem import Problem, Settings
 
 # How it works (docs/sharding.md has the user's view).
 #
@@ -29,20 +30,26 @@ from . import _contract, _lowering
 #     each shard's heads belong to one group and the shard slices that group out of
 #     replicated B / C;
 #   * slots: per-entry operands are replicated; every shard maps global slot indices to its
-#     own (`_localise`): an entry whose read slot lives on another shard is padded locally
+#     own (`_local_src`): an entry whose read slot lives on another shard is padded locally
 #     (it is that shard's work), so the kernel runs every entry everywhere but updates only
 #     the shard's own slots. Outputs are then combined (`_combine`): for each row of `out`
 #     that a real (non-pad, in-range) entry owns, the owner's bits are taken through one
 #     integer all-reduce of an out-sized array; rows where every shard computed the same
 #     thing (pads, invalid entries, rows of no sequence) are kept as computed;
-#   * the intermediate buffer sharded on axis 0 like the cache (same mesh axes) keeps its
-#     shards: its rows are mapped like slots. Otherwise its axis 0 is replicated, the owner
-#     of each entry writes the rows and they are combined like `out` (an all-reduce of the
-#     buffer, never of the cache).
+#   * writes that may land on another shard (dst slots; intermediate-buffer rows) are spilled
+#     (`_spill_dst`, `_spill_inter`): the owner of the entry writes them into per-entry scratch
+#     rows, one integer all-reduce of those rows (per-entry sized, never the cache) brings them
+#     to every shard, and each shard scatters the rows that land on its own slots / buffer rows
+#     (all of them for a buffer replicated on axis 0). Which rows are written is decided on the
+#     global indices, as unsharded (`_entries`, the reference's ssu::resolve_entry). Without
+#     dst (or under disable_state_update) and without an intermediate buffer nothing is
+#     spilled: the kernel writes the read slot in place.
 #
 # The partitioned function works on the canonical operand tuple of _contract.frame and the
-# call's attributes; it changes only `pad_slot_id` (a local pad value) and, where it has to
-# supply explicit local indices, the matching has_<operand> flag.
+# call's attributes; it changes `pad_slot_id` (a local pad value), the index operands (and,
+# where it has to supply explicit local indices, the matching has_<operand> flag) and, when
+# it spills, puts the per-entry scratch in place of the state (dst) or of the intermediate
+# buffer.
 
 def _name(entry):  # an operand name, or an (operand name, Problem field) pair
     return entry if isinstance(entry, str) else entry[0]
@@ -257,14 +264,10 @@ def _local_src(v, pad, S, off, n, pad_aware=True):
     return jnp.where(v == pad, LOCAL_PAD, r).astype(v.dtype) if pad_aware else r.astype(v.dtype)
 
 
-def _local_dst(v, pad, off, n, pad_aware=True):
-    """Written slots / rows: own -> local index; pad -> local pad; anything else (another
-    shard's, or invalid) -> invalid, so the owner of the entry faults visibly (NaN, no write)
-    rather than losing the write."""
-    off = off.astype(v.dtype)
-    mine = (v >= off) & (v < off + n)
-    r = jnp.where(mine, v - off, LOCAL_BAD)
-    return jnp.where(v == pad, LOCAL_PAD, r).astype(v.dtype) if pad_aware else r.astype(v.dtype)
+def _unused_dst(v, pad):
+    """dst under disable_state_update: never written nor checked by the kernel; pads stay pads,
+    everything else becomes a value that is no local slot."""
+    return jnp.where(v == pad, LOCAL_PAD, LOCAL_BAD).astype(v.dtype)
 
 
 def _read_slots(lay, ops):
@@ -314,6 +317,176 @@ def _combine(arr, R, n_all, n_mine, axes):
     return lax.bitcast_convert_type(bits, arr.dtype).reshape(arr.shape)
 
 
+def _exchange(arr, axes):
+    """`arr` is zero except, for each element, on at most one shard along `axes`: that shard's
+    bits, everywhere, as unsigned integers of arr's width (an integer all-reduce, exact for
+    every value; 16-bit values travel in pairs as 32-bit words)."""
+    bits = lax.bitcast_convert_type(arr, _uint(arr.dtype))
+    if arr.size == 0:
+        return bits
+    if bits.dtype.itemsize == 2 and arr.ndim and arr.shape[-1] % 2 == 0:
+        pairs = bits.reshape(arr.shape[:-1] + (arr.shape[-1] // 2, 2))
+        total = lax.psum(lax.bitcast_convert_type(pairs, jnp.uint32), axes)
+        return lax.bitcast_convert_type(total, jnp.uint16).reshape(arr.shape)
+    if bits.dtype.itemsize < 4:
+        return lax.psum(bits.astype(jnp.uint32), axes).astype(bits.dtype)
+    return lax.psum(bits, axes)
+
+
+def _scatter_rows(buf, index, bits, platform):
+    """buf.at[index].set(rows given as bit patterns), in place on a donated buffer. XLA:CPU has
+    no bf16 scatter (it converts the whole buffer to f32 and back): there a bf16 buffer is
+    scattered through its uint16 view, which costs two bit-reinterpreting passes over the
+    buffer but no conversion; everywhere else (and for every other dtype) the scatter is native."""
+    if buf.dtype == jnp.bfloat16 and platform == "cpu":
+        view = lax.bitcast_convert_type(buf, _uint(buf.dtype))
+        return lax.bitcast_convert_type(view.at[index].set(bits, mode="drop"), buf.dtype)
+    return buf.at[index].set(lax.bitcast_convert_type(bits, buf.dtype), mode="drop")
+
+
+def _entries(lay, ops):
+    """Per entry, decided on the global indices exactly as the unsharded kernel decides it
+    (reference._resolve is the vectorised ssu::resolve_entry): valid, steps run, padded."""
+    a = lay.attr
+    st = Settings(pad_slot_id=a["pad_slot_id"], dt_softplus=a["dt_softplus"],
+                  disable_state_update=a["disable_state_update"],
+                  philox_rounds=a["philox_rounds"], cache_steps=a["cache_steps"] or None,
+                  algorithm=a["algorithm"])
+    fields = {}
+    for name in _NAMES:
+        if not lay.has(name):
+            fields[name] = None
+        elif name == "intermediate_states_buffer":  # only its (global) row count is used
+            fields[name] = jax.ShapeDtypeStruct(lay.shape(name), lay.dtypes[_I[name]])
+        else:
+            fields[name] = ops[_I[name]]
+    st_shape = lay.shape("state")
+    pb = Problem(**fields, settings=st, dims=(lay.S, lay.H) + tuple(st_shape[-2:]),
+                 mode="varlen" if lay.varlen else "mtp", nb=lay.nb, T=lay.T)
+    e = reference._resolve(pb)
+    return e["ok"], e["len"], e["padded"]
+
+
+def _spill_dst(lay, ops, attrs, results, local, src, mine, bad, off, Sl, axes, platform):
+    """dst writes under slot sharding. The kernel of the read slot's shard runs the entry on a
+    per-entry scratch state: rows [0, nb) hold the gathered read slots, rows nb + (entry, step)
+    receive the states the entry writes (each dst slot of an entry one row: later steps
+    overwrite earlier ones there, as in the cache). The written rows are exchanged (one
+    all-reduce of the per-entry rows, never of the cache) and every shard scatters the rows whose
+    dst slot it holds into its cache shard. Which rows are written is decided on the global
+    indices (_entries), exactly as unsharded. Returns the function that finishes the results."""
+    nb, S, pad = lay.nb, lay.S, lay.attr["pad_slot_id"]
+    e = jnp.arange(nb, dtype=jnp.int32)
+    ok, length, padded = _entries(lay, ops)
+    i_st, i_sc, i_src, i_dst = (_I[n] for n in ("state", "state_scale", "state_batch_indices",
+                                               "dst_state_batch_indices"))
+    d = ops[i_dst]
+    two_d = d.ndim == 2
+    if two_d and not lay.varlen:
+        d = d[:, :lay.T]  # columns at and past T are never used in MTP
+    W = d.shape[1] if two_d else 1
+    R = nb * (1 + W)
+    keep = {"state": ops[i_st], "state_scale": ops[i_sc] if lay.has("state_scale") else None}
+    rd = jnp.clip(src - off.astype(src.dtype), 0, Sl - 1)
+    for name, i in (("state", i_st), ("state_scale", i_sc)):
+        buf = keep[name]
+        if buf is None:
+            continue
+        scratch = jnp.zeros((R,) + buf.shape[1:], buf.dtype).at[:nb].set(buf[rd])
+        ops[i] = scratch
+        results[_RESULTS.index(name)] = jax.ShapeDtypeStruct(scratch.shape, scratch.dtype)
+    local["S"] = R
+    # reads: this shard's entries read their scratch row; other shards' entries are padded
+    # here; a read slot outside [0, S) stays invalid
+    v = jnp.where(mine, e, jnp.where(bad, LOCAL_BAD, LOCAL_PAD))
+    if lay.has("state_batch_indices"):
+        sbi = ops[i_src]
+        ops[i_src] = jnp.broadcast_to(v.reshape((nb,) + (1,) * (sbi.ndim - 1)),
+                                      sbi.shape).astype(sbi.dtype)
+    else:
+        ops[i_src] = v.astype(lay.dtypes[i_dst])
+        attrs["has_state_batch_indices"] = True
+    # writes: each distinct dst slot of an entry -> one scratch row
+    inr = (d != pad) & (d >= 0) & (d < S)
+    if two_d:
+        first = jnp.argmax(d[:, :, None] == d[:, None, :], axis=2).astype(jnp.int32)
+        row = nb + e[:, None] * W + first
+        steps = jnp.arange(W, dtype=jnp.int32)[None, :]
+        wrote = ((ok & ~padded)[:, None] & inr & (steps < length[:, None])
+                 & (first == steps))
+    else:
+        row = nb + e
+        wrote = ok & ~padded & (length > 0) & inr
+    ops[i_dst] = jnp.where(d == pad, LOCAL_PAD, jnp.where(inr, row, LOCAL_BAD)).astype(d.dtype)
+    offd = off.astype(d.dtype)
+    here = wrote & (d >= offd) & (d < offd + Sl)
+    target = jnp.where(here, d - offd, Sl).reshape(-1)
+
+    def finish(res):
+        for name in ("state", "state_scale"):
+            if keep[name] is None:
+                continue
+            r = _RESULTS.index(name)
+            res[r] = _scatter_rows(keep[name], target, _exchange(res[r][nb:], axes), platform)
+        return res
+
+    return finish
+
+
+def _spill_inter(lay, plan, ops, attrs, results, local, shard, axes, platform):
+    """Intermediate-buffer writes under slot sharding: the kernel of the read slot's shard
+    writes the entry's rows into a per-entry scratch buffer (row = entry), the rows are
+    exchanged (one all-reduce of the per-entry rows) and every shard scatters the written
+    (entry, step) rows that land in its part of the buffer (all of them when the buffer is
+    replicated on axis 0). Returns the function that finishes the results."""
+    nb, pad = lay.nb, lay.attr["pad_slot_id"]
+    I = lay.shape("intermediate_states_buffer")[0]
+    e = jnp.arange(nb, dtype=jnp.int32)
+    ok, length, padded = _entries(lay, ops)
+    names = ("intermediate_states_buffer", "intermediate_state_scales")
+    keep = {n: ops[_I[n]] if lay.has(n) else None for n in names}
+    for name in names:
+        buf = keep[name]
+        if buf is None:
+            continue
+        scratch = jnp.zeros((nb,) + buf.shape[1:], buf.dtype)
+        ops[_I[name]] = scratch
+        results[_RESULTS.index(name)] = jax.ShapeDtypeStruct(scratch.shape, scratch.dtype)
+    local["I"] = nb
+    ii_name = "intermediate_state_indices"
+    explicit = lay.has(ii_name)
+    dtype = lay.dtypes[_I[ii_name]] if explicit else next(
+        (lay.dtypes[_I[n]] for n in ("state_batch_indices", "dst_state_batch_indices")
+         if lay.has(n)), np.dtype(np.int32))
+    ii = ops[_I[ii_name]] if explicit else jnp.arange(nb, dtype=dtype)
+    skip = (ii == pad) if explicit else jnp.zeros((nb,), bool)  # positional rows: no pad
+    inr = ~skip & (ii >= 0) & (ii < I)
+    ops[_I[ii_name]] = jnp.where(skip, LOCAL_PAD, jnp.where(inr, e, LOCAL_BAD)).astype(dtype)
+    attrs["has_" + ii_name] = True
+    CS = keep[names[0]].shape[1]
+    steps = jnp.arange(CS, dtype=jnp.int32)[None, :]
+    wrote = (ok & ~padded & inr)[:, None] & (steps < length[:, None])
+    if plan.inter_slot:
+        Il = keep[names[0]].shape[0]
+        o = (shard * Il).astype(ii.dtype)
+        here = wrote & ((ii >= o) & (ii < o + Il))[:, None]
+        target = jnp.where(here, (ii - o)[:, None], Il)
+    else:
+        target = jnp.where(wrote, ii[:, None], I)
+    step_of = jnp.broadcast_to(steps, target.shape)
+
+    def finish(res):
+        for name in names:
+            if keep[name] is None:
+                continue
+            r = _RESULTS.index(name)
+            res[r] = _scatter_rows(keep[name], (target, step_of), _exchange(res[r], axes),
+                                   platform)
+        return res
+
+    return finish
+
+
 def _local(lay: _Layout, plan: _Plan, mesh, ops):
     ops = list(ops)
     attrs = lay.attr
@@ -323,52 +496,6 @@ def _local(lay: _Layout, plan: _Plan, mesh, ops):
         for name in ("B", "C"):
             a = ops[_I[name]]
             ops[_I[name]] = lax.dynamic_slice_in_dim(a, g, 1, axis=a.ndim - 2)
-    combine = None
-    if plan.slot:
-        ms = _size(mesh, plan.slot)
-        S, Sl, nb, pad = lay.S, lay.S // ms, lay.nb, attrs["pad_slot_id"]
-        shard = _axis_index(mesh, plan.slot)
-        off = shard * Sl
-        idx_dtype = next((lay.dtypes[_I[n]] for n in ("state_batch_indices",
-                          "dst_state_batch_indices", "intermediate_state_indices")
-                          if lay.has(n)), np.dtype(np.int32))
-        src, real = _read_slots(lay, ops)
-        mine = real & (src >= off) & (src < off + Sl)
-        if lay.has("state_batch_indices"):
-            i = _I["state_batch_indices"]
-            ops[i] = _local_src(ops[i], pad, S, off, Sl)
-        else:  # entry b reads slot b: explicit local indices
-            ops[_I["state_batch_indices"]] = _local_src(
-                jnp.arange(nb, dtype=idx_dtype), pad, S, off, Sl, pad_aware=False)
-            attrs["has_state_batch_indices"] = True
-        if lay.has("dst_state_batch_indices"):
-            i = _I["dst_state_batch_indices"]
-            ops[i] = _local_dst(ops[i], pad, off, Sl)
-        inter = lay.has("intermediate_states_buffer")
-        ii_name = "intermediate_state_indices"
-        if inter:
-            I = lay.shape("intermediate_states_buffer")[0]
-            explicit = lay.has(ii_name)
-            ii = ops[_I[ii_name]] if explicit else jnp.arange(nb, dtype=idx_dtype)
-            if plan.inter_slot:
-                Il = I // ms
-                ops[_I[ii_name]] = _local_dst(ii, pad, shard * Il, Il, pad_aware=explicit)
-                attrs["has_" + ii_name] = True
-            elif explicit:  # replicated rows keep their numbers; only the pad value changes
-                ok = (ii >= 0) & (ii < I)
-                ops[_I[ii_name]] = jnp.where(ii == pad, LOCAL_PAD,
-                                             jnp.where(ok, ii, LOCAL_BAD)).astype(ii.dtype)
-        attrs["pad_slot_id"] = LOCAL_PAD
-        n_all, n_mine = _row_counts(lay, ops, real), _row_counts(lay, ops, mine)
-        combine = dict(n_all=n_all, n_mine=n_mine)
-        if inter and not plan.inter_slot:
-            ok = (ii >= 0) & (ii < I)
-            if explicit:
-                ok = ok & (ii != pad)
-            tgt = jnp.where(ok, ii, I)
-            count = lambda w: jnp.zeros((I,), jnp.int32).at[tgt].add(  # noqa: E731
-                w.astype(jnp.int32), mode="drop")
-            combine.update(i_all=count(real), i_mine=count(mine))
     results = [jax.ShapeDtypeStruct(_tile(mesh, shape, spec), dtype) for shape, dtype, spec in
                zip(lay.res_shapes, lay.res_dtypes, plan.res_specs)]
     local = {"S": _tile(mesh, lay.shape("state"), plan.arg_specs[_I["state"]])[0]}
@@ -376,15 +503,46 @@ def _local(lay: _Layout, plan: _Plan, mesh, ops):
         local["H"] = _tile(mesh, lay.shape("state"), plan.arg_specs[_I["state"]])[1]
     if lay.has("intermediate_states_buffer"):
         local["I"] = results[_RESULTS.index("intermediate_states_buffer")].shape[0]
+    combine, finish = None, []
+    if plan.slot:
+        ms = _size(mesh, plan.slot)
+        S, Sl, nb, pad = lay.S, lay.S // ms, lay.nb, attrs["pad_slot_id"]
+        shard = _axis_index(mesh, plan.slot)
+        off = shard * Sl
+        src, real = _read_slots(lay, ops)
+        mine = real & (src >= off) & (src < off + Sl)
+        bad = ~real & (src != pad) if lay.has("state_batch_indices") else jnp.zeros((nb,), bool)
+        n_all, n_mine = _row_counts(lay, ops, real), _row_counts(lay, ops, mine)
+        combine = dict(n_all=n_all, n_mine=n_mine)
+        has_dst = lay.has("dst_state_batch_indices")
+        platform = getattr(mesh.devices.flat[0], "platform", "")
+        writes = nb > 0 and lay.rows > 0  # else no entry runs a step: nothing is written
+        if writes and lay.has("intermediate_states_buffer"):
+            finish.append(_spill_inter(lay, plan, ops, attrs, results, local, shard, plan.slot,
+                                       platform))
+        if writes and has_dst and not attrs["disable_state_update"]:
+            finish.append(_spill_dst(lay, ops, attrs, results, local, src, mine, bad, off, Sl,
+                                     plan.slot, platform))
+        else:  # the kernel updates this shard's own slots in place
+            if lay.has("state_batch_indices"):
+                i = _I["state_batch_indices"]
+                ops[i] = _local_src(ops[i], pad, S, off, Sl)
+            else:  # entry b reads slot b: explicit local indices
+                idx_dtype = next((lay.dtypes[_I[n]] for n in (
+                    "dst_state_batch_indices", "intermediate_state_indices") if lay.has(n)),
+                    np.dtype(np.int32))
+                ops[_I["state_batch_indices"]] = _local_src(
+                    jnp.arange(nb, dtype=idx_dtype), pad, S, off, Sl, pad_aware=False)
+                attrs["has_state_batch_indices"] = True
+            if has_dst:  # under disable_state_update: neither written nor checked
+                i = _I["dst_state_batch_indices"]
+                ops[i] = _unused_dst(ops[i], pad)
+        attrs["pad_slot_id"] = LOCAL_PAD
     res = list(kernel(ops, results, dict(lay.aliases), attrs, replan(lay.plan, **local)))
     if combine is not None:
         res[0] = _combine(res[0], lay.rows, combine["n_all"], combine["n_mine"], plan.slot)
-        if "i_all" in combine:
-            for r in (_RESULTS.index("intermediate_states_buffer"),
-                      _RESULTS.index("intermediate_state_scales")):
-                if lay.has(_RESULTS[r]):
-                    res[r] = _combine(res[r], res[r].shape[0], combine["i_all"],
-                                      combine["i_mine"], plan.slot)
+    for f in finish:
+        res = f(res)
     return tuple(res)
 
 

@@ -4,8 +4,9 @@ process has already initialised it).
 
 Each case of tests/sharding_worker.py checks that the sharded, donated call equals the
 unsharded one bit for bit, keeps the state's sharding and buffers, and that its compiled HLO has
-no collective on a state-sized array (only an all-reduce of out-sized arrays under slot
-sharding) and no copy of the state."""
+no collective on a state-sized array (under slot sharding only all-reduces of per-entry arrays:
+the out rows, and the rows written to dst slots or intermediate rows, which the "cross" cases
+place on other shards than the read slot) and no copy of a donated buffer."""
 import os
 import subprocess
 import sys
@@ -19,8 +20,12 @@ GROUPS = {
               "sr_heads", "shard_map_heads", "vmap_heads"],
     "slots": ["slots_stp_pads_invalid", "slots_stp_pad_in_range", "slots_stp_noindex",
               "slots_mtp_dst2d_nacc", "slots_mtp_inter_sharded", "slots_mtp_inter_replicated",
-              "slots_varlen_2d", "slots_mamba1_i16_inter", "slots_varlen_noout", "dst_off_shard", "eager_slots"],
-    "mesh2d": ["mesh4x2_mtp_i16", "mesh2x4_stp_gslice", "mesh2x4_varlen_inter"],
+              "slots_varlen_2d", "slots_mamba1_i16_inter", "slots_varlen_noout", "eager_slots"],
+    "cross": ["slots_stp_dst1d_cross_i16", "slots_mtp_dst2d_cross",
+              "slots_varlen_dst2d_cross_i16", "slots_mtp_dst2d_random", "slots_mtp_dst_disable",
+              "slots_mtp_inter_cross_i16", "sr_slots_dst"],
+    "mesh2d": ["mesh4x2_mtp_i16", "mesh2x4_stp_gslice", "mesh2x4_varlen_inter",
+               "mesh4x2_varlen_dst1d_cross"],
     "fallback": ["fallback_state_on_P", "fallback_G_uneven", "fallback_x_on_batch"],
 }
 
