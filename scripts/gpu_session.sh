@@ -11,6 +11,10 @@
 #              variants: ROWS_VARIANTS="1 2 4" through JAX_MAMBA_CUDA_ROWS, ALG_VARIANTS="vertical")
 #              and a torch copy as a second ceiling
 #   ncu        ncu sections of the ssu_ kernels on NCU_CASES
+#   examples   examples/mamba2_decode.py (default size and a larger one) and
+#              examples/speculative_decoding.py on the GPU (not in the default STAGES); without
+#              flax on the machine it installs wheels/examples/ (scripts/fetch_example_wheels.sh,
+#              carried with the checkout) into a private directory first
 # STAGES="build tests sanitize perf ncu" (default). A stage does not start once BUDGET seconds
 # (default 560: a device call lasts at most 600) are spent, and runs at most until then.
 # PYTEST_K (default gpu) picks the platform of the pytest stages: PYTEST_K=cpu STAGES=tests
@@ -129,6 +133,26 @@ if has ncu; then
       | sed -n '1,400p' > "$OUT/ncu_brief.txt"
   else
     summary "ncu: skipped (not found)"
+  fi
+fi
+if has examples; then
+  if ! python -c "import flax" 2> /dev/null; then
+    if compgen -G "wheels/examples/*.whl" > /dev/null; then
+      deps=${TMPDIR:-/tmp}/jax_mamba_example_deps
+      python -m pip install -q --no-deps --no-index --target "$deps" wheels/examples/*.whl \
+        >> "$LOG" 2>&1 && export PYTHONPATH=$PYTHONPATH:$deps
+    fi
+  fi
+  if python -c "import flax" 2> /dev/null; then
+    stage mamba2_decode 150 python examples/mamba2_decode.py
+    stage mamba2_decode_large 200 python examples/mamba2_decode.py --layers 8 --d-model 1024 \
+      --d-state 128 --headdim 64 --batch 64 --slots 128 --prompt-len 64 --new-tokens 128 \
+      --state-dtype bfloat16
+    stage speculative_decoding 150 python examples/speculative_decoding.py
+    grep -E "tok|diff|max|accepted|==|ok|FAIL" "$LOG" | grep -v "^===" | tail -30 \
+      > "$OUT/examples_brief.txt"
+  else
+    summary "examples: skipped (flax not importable; run scripts/fetch_example_wheels.sh and carry wheels/)"
   fi
 fi
 echo "==== perf"
