@@ -4,6 +4,8 @@
     python -m jax_mamba.benchmark --case all --json r.json     # every named case (list: --list)
     python -m jax_mamba.benchmark --case b64-bf16 --profile    # + kernel time by ncu
     python -m jax_mamba.benchmark --mtp 4 --inter --batch 64   # free-form shapes
+    python -m jax_mamba.benchmark --impl ffi --case b64-bf16 --shard heads --shard slots
+                                  # + the cache sharded over heads / slots on all devices
 
 Ceiling: the jax_mamba_copy target (cudaMemcpyAsync device to device) over >= 1 GiB, measured in
 the same run, read + write bytes. Each timing runs K and 2K consecutive donated calls inside one
@@ -12,6 +14,16 @@ dispatching the executable. Every call of a chain has its own random slots of a 
 than L2 (new slots every repetition) and its own x/dt/B/C buffers, and an L2 flush (a copy of
 --flush-mb) precedes every timed run, so no call finds its inputs or state in cache. Bytes follow
 FlashInfer's count (_bench_cases.bytes_per_call).
+
+--shard heads|slots (repeatable) adds, after each config's one-device rows, rows of the same
+donated chain on a mesh of --devices N devices (default: all of the platform's) with the cache
+sharded over heads (P(None, "m"): x, dt, z, A, D, dt_bias and, where N divides G, B and C split
+with it; no communication) or over slots (P("m"): per-entry inputs replicated, each call's
+entries spread so that each device gets b/N entries whose slots are its own, entry e on device
+e % N; one all-reduce of the out rows per call). Bytes are the one-device count (the whole
+call's traffic, all devices together), so GB/s is the aggregate; '% copy' is against N times
+the one-device copy; 'vs 1' is that GB/s over the one-device ffi row's. 'kept': the state came
+back with its sharding and its buffers (donation in place on every device).
 """
 from __future__ import annotations
 
@@ -30,6 +42,7 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 import jax_mamba
 from . import _bench_cases as bc
@@ -87,59 +100,124 @@ def copy_bandwidth(device, nbytes, calls, reps):
 
 
 def make_flush(device, mb):
-    """Evicts L2 before a timed run: a copy of `mb` MiB leaves only its own lines in cache."""
+    """Evicts L2 before a timed run: a copy of `mb` MiB leaves only its own lines in cache
+    (`device` may be a list: one copy on each, all launched before waiting)."""
     if mb <= 0:
         return lambda: None
-    with jax.default_device(device):
-        buf = jnp.zeros((int(mb * 2**20) // 4,), jnp.float32)
+    bufs = []
+    for d in (device if isinstance(device, (list, tuple)) else [device]):
+        with jax.default_device(d):
+            bufs.append(jnp.zeros((int(mb * 2**20) // 4,), jnp.float32))
     f = jax.jit(device_copy)
-    return lambda: jax.block_until_ready(f(buf))
+    return lambda: jax.block_until_ready([f(b) for b in bufs])
+
+
+def shard_problem(c: bc.Config, shard, n):
+    """Why config `c` cannot run sharded `shard` over n devices without the rule gathering
+    something state-sized (None if it can)."""
+    if shard == "heads":
+        if c.mamba1:
+            return "Mamba-1 (no heads): the state would be sharded on P, a gathering fallback"
+        if c.heads % n:
+            return f"{n} devices do not divide {c.heads} heads"
+        if c.ngroups % n and n % c.ngroups:
+            return f"{c.ngroups} groups on {n} devices: not expressible per device (fallback)"
+    if shard == "slots" and c.inter:
+        return ("an intermediate buffer of one row per entry: its rows would be exchanged "
+                "whole every call")
+    return None
+
+
+def _pointers(a):
+    return sorted(s.data.unsafe_buffer_pointer() for s in a.addressable_shards)
 
 
 class Arrays:
     """Device arrays of one config: the donated carry, shared per-layer params, `calls` distinct
     per-call input sets, and fresh random slots on demand."""
 
-    def __init__(self, c: bc.Config, calls, cache_mb, device, seed=0):
-        self.c, self.device = c, device
+    def __init__(self, c: bc.Config, calls, cache_mb, device, seed=0, mesh=None, shard=None):
+        """mesh (1-D, axis "m") and shard ("heads" or "slots"): the arrays laid out for the
+        sharded run (see the module docstring); without them everything is on `device`."""
+        self.c, self.device, self.mesh, self.shard = c, device, mesh, shard
         self.rng = np.random.default_rng(seed)
         self.S = bc.cache_slots(c, cache_mb, calls)
+        n = mesh.size if mesh is not None else 1
+        if shard == "slots":  # a multiple of n, each shard holding `calls` sets of its entries
+            self.S = n * max(-(-self.S // n), calls * -(-c.batch // n))
         hp = (c.dim,) if c.mamba1 else (c.heads, c.dim)
         st, inp = jnp.dtype(c.state_dtype), jnp.dtype(c.input_dtype)
         lead = (c.batch, c.mtp) if c.mtp else (c.batch,)
         key = jax.random.key(seed)
+        heads = shard == "heads"
+        lp = (None,) * len(lead)
+        specs = {"state": P(None, "m") if heads else P("m"), "inter": P(*lp, "m"),
+                 "per": P("m"), "x": P(*lp, "m"),
+                 "bc": P(*lp, "m") if heads and c.ngroups % n == 0 else P()}
+        self.sharding = lambda name=None: device if mesh is None else NamedSharding(
+            mesh, specs[name] if name and (heads or name == "state") else P())
+
+        def draw(key):
+            if st == jnp.int16:
+                return (jax.random.randint(key, (self.S,) + hp + (c.dstate,), -30000, 30000,
+                                           jnp.int16),
+                        jax.random.uniform(key, (self.S,) + hp, jnp.float32) * 1e-4)
+            return jax.random.normal(key, (self.S,) + hp + (c.dstate,), st), None
+
         # the cache (up to GiBs) is drawn on the device, where that is quick; the small
         # operands further down come from the host (no per-shape compile of random ops)
-        with jax.default_device(device):
-            if st == jnp.int16:
-                state = jax.random.randint(key, (self.S,) + hp + (c.dstate,), -30000, 30000,
-                                           jnp.int16)
-                scale = jax.random.uniform(key, (self.S,) + hp, jnp.float32) * 1e-4
-            else:
-                state, scale = jax.random.normal(key, (self.S,) + hp + (c.dstate,), st), None
-            inter = iscale = None
+        inter = iscale = None
+        if mesh is None:
+            with jax.default_device(device):
+                state, scale = draw(key)
+                if c.inter:
+                    inter = jnp.zeros((c.batch, c.mtp) + hp + (c.dstate,), st)
+                    iscale = (jnp.zeros((c.batch, c.mtp) + hp, jnp.float32)
+                              if st == jnp.int16 else None)
+        else:  # drawn in place on every device, each its shard
+            ssh = self.sharding("state")
+            state = jax.jit(lambda k: draw(k)[0], out_shardings=ssh)(key)
+            scale = (jax.jit(lambda k: draw(k)[1], out_shardings=ssh)(key)
+                     if st == jnp.int16 else None)
+            zeros = lambda shape, dt: jax.jit(lambda: jnp.zeros(shape, dt),
+                                              out_shardings=self.sharding("inter"))()
             if c.inter:
-                inter = jnp.zeros((c.batch, c.mtp) + hp + (c.dstate,), st)
-                iscale = jnp.zeros((c.batch, c.mtp) + hp, jnp.float32) if st == jnp.int16 else None
+                inter = zeros((c.batch, c.mtp) + hp + (c.dstate,), st)
+                iscale = zeros((c.batch, c.mtp) + hp, jnp.float32) if st == jnp.int16 else None
         self.carry = (state, scale, inter, iscale)
-        r, put = self.rng, lambda a, dt=jnp.float32: jax.device_put(np.asarray(a, dt), device)
+        r = self.rng
+        put = lambda a, dt=jnp.float32, name=None: jax.device_put(np.asarray(a, dt),
+                                                                  self.sharding(name))
         per = (c.dim,) if c.mamba1 else (c.heads,)
-        self.params = (put(-(r.random((c.dim, c.dstate) if c.mamba1 else per) + 0.5)),
-                       put(np.ones(per)), put(r.random(per) - 0.5))
+        self.params = (put(-(r.random((c.dim, c.dstate) if c.mamba1 else per) + 0.5),
+                           name="per"),
+                       put(np.ones(per), name="per"), put(r.random(per) - 0.5, name="per"))
         bcs = lead + ((c.dstate,) if c.mamba1 else (c.ngroups, c.dstate))
         self.inputs = tuple(
-            (put(r.standard_normal(lead + hp, np.float32), inp), put(r.random(lead + per)),
-             put(r.standard_normal(bcs, np.float32), inp),
-             put(r.standard_normal(bcs, np.float32), inp),
-             put(r.standard_normal(lead + hp, np.float32), inp) if c.z else None)
+            (put(r.standard_normal(lead + hp, np.float32), inp, "x"),
+             put(r.random(lead + per), name="x"),
+             put(r.standard_normal(bcs, np.float32), inp, "bc"),
+             put(r.standard_normal(bcs, np.float32), inp, "bc"),
+             put(r.standard_normal(lead + hp, np.float32), inp, "x") if c.z else None)
             for _ in range(calls))
         jax.block_until_ready((self.carry, self.params, self.inputs))
 
     def slots(self, calls):
-        """`calls` disjoint random slot sets (one (batch,) int32 array per call)."""
-        idx = self.rng.choice(self.S, calls * self.c.batch, replace=False).astype(np.int32)
+        """`calls` disjoint random slot sets (one (batch,) int32 array per call); sharded over
+        slots: entry e's slots lie in the shard of device e % n."""
+        b = self.c.batch
+        if self.shard == "slots":
+            n = self.mesh.size
+            Sl = self.S // n
+            idx = np.empty((calls, b), np.int32)
+            for k in range(n):
+                ents = np.arange(k, b, n)
+                pick = self.rng.choice(Sl, calls * len(ents), replace=False) + k * Sl
+                idx[:, ents] = pick.reshape(calls, len(ents))
+        else:
+            idx = self.rng.choice(self.S, calls * b, replace=False).astype(np.int32)
         return tuple(jax.block_until_ready(jax.device_put(list(idx.reshape(calls, -1)),
-                                                          self.device)))
+                                                          self.sharding())))
 
 
 def make_fn(ssu, c: bc.Config, calls, algorithm):
@@ -164,11 +242,13 @@ def make_fn(ssu, c: bc.Config, calls, algorithm):
     return jax.jit(run, donate_argnums=0)
 
 
-def time_config(impl, c: bc.Config, o, device, flush):
-    """(seconds per call, chain medians) of `impl` on config `c` (K vs 2K chains, see the
-    module docstring)."""
+def time_config(impl, c: bc.Config, o, device, flush, mesh=None, shard=None):
+    """(seconds per call, chain medians, state kept) of `impl` on config `c` (K vs 2K chains,
+    see the module docstring); kept: the state came back with its sharding and buffers."""
     K = o.calls
-    arr = Arrays(c, 2 * K, c.cache_mb or o.cache_mb, device)
+    arr = Arrays(c, 2 * K, c.cache_mb or o.cache_mb, device, mesh=mesh, shard=shard)
+    state0 = arr.carry[0]
+    sharding0, ptrs0 = state0.sharding, _pointers(state0)
     algorithm = o.algorithm if impl == "ffi" else "auto"
     fns = {k: make_fn(IMPLS[impl](), c, k, algorithm) for k in (K, 2 * K)}
     carry = [arr.carry]
@@ -186,8 +266,10 @@ def time_config(impl, c: bc.Config, o, device, flush):
         return t
 
     t = _chain_seconds(fns, run_once, o.reps)
-    del carry[0], arr  # free the cache before the next config
-    return t
+    state = carry[0][0]
+    kept = state.sharding.is_equivalent_to(sharding0, state.ndim) and _pointers(state) == ptrs0
+    del carry[0], arr, state0, state  # free the cache before the next config
+    return t + (kept,)
 
 
 def profile_child(spec):
@@ -222,7 +304,8 @@ def plot(rows, path, header):
     curves = {}
     for r in rows:
         if r["gbs"] is not None:
-            curves.setdefault((r["family"], r["impl"]), []).append((r["batch"], r["gbs"]))
+            fam = r["family"] + (f" {r['shard']} x{r['devices']}" if r.get("shard") else "")
+            curves.setdefault((fam, r["impl"]), []).append((r["batch"], r["gbs"]))
     for (family, impl), pts in sorted(curves.items()):
         pts.sort()
         ax.plot(*zip(*pts), marker="o", label=f"{family} {impl}")
@@ -263,8 +346,14 @@ def parse_args(argv):
     ap.add_argument("--flush-mb", type=float, help="L2 flush before each run (0: none)")
     ap.add_argument("--algorithm", default="auto", choices=["auto", "simple", "vertical",
                                                             "horizontal"])
-    ap.add_argument("--impl", nargs="+", default=["ffi", "reference"], choices=list(IMPLS))
+    ap.add_argument("--impl", nargs="+", choices=list(IMPLS),
+                    help="default: ffi reference (with --shard: ffi)")
     ap.add_argument("--platform", choices=["cpu", "gpu", "cuda"], help="default: JAX's default")
+    ap.add_argument("--shard", action="append", choices=["heads", "slots"],
+                    help="also time the cache sharded over heads / slots on --devices devices "
+                         "(repeatable; ffi only; see above)")
+    ap.add_argument("--devices", type=int, help="mesh size for --shard (default: all devices "
+                                                "of the platform)")
     ap.add_argument("--json", metavar="PATH", help="write header and rows as JSON")
     ap.add_argument("--plot", metavar="PATH", help="GB/s vs batch plot (needs matplotlib)")
     ap.add_argument("--profile", action="store_true",
@@ -286,9 +375,16 @@ def parse_args(argv):
         ap.error(f"--flush-mb must be >= 0, got {o.flush_mb}")
     if o.mamba1 and (o.heads or o.ngroups):
         ap.error("--mamba1 has no heads or groups: drop --heads/--ngroups")
+    if o.devices is not None and not o.shard:
+        ap.error("--devices sets the mesh of --shard: give --shard heads or --shard slots")
+    if o.devices is not None and o.devices < 1:
+        ap.error(f"--devices must be >= 1, got {o.devices}")
+    o.shard = list(dict.fromkeys(o.shard or []))
     if o.plot and importlib.util.find_spec("matplotlib") is None:
         ap.error("--plot needs matplotlib: pip install 'jax_mamba[plot]' (or pip install matplotlib)")
-    o.impl = list(dict.fromkeys(o.impl))
+    if o.shard and o.impl and "ffi" not in o.impl:
+        ap.error("--shard times the ffi handler: keep ffi in --impl")
+    o.impl = list(dict.fromkeys(o.impl or (["ffi"] if o.shard else ["ffi", "reference"])))
     if o.case:
         o.configs = bc.resolve(o.case)
     else:
@@ -349,8 +445,15 @@ def run(argv=None):
         profile_child(json.loads(o.profile_child))
         return []
     kernel_us = _profile_all(o) if o.profile else {}
-    device = jax.devices(o.platform)[0] if o.platform else jax.devices()[0]
+    devices = jax.devices(o.platform) if o.platform else jax.devices()
+    device = devices[0]
     _fill_defaults(o, device)
+    n, mesh = 1, None
+    if o.shard:
+        n = o.devices or len(devices)
+        if n > len(devices):
+            raise SystemExit(f"--devices {n}: only {len(devices)} {device.platform} devices")
+        mesh = Mesh(np.array(devices[:n]), ("m",))
     copy, copy_t = copy_bandwidth(device, int(o.copy_mb * 2**20), o.calls, o.reps)
     header = {"device_kind": device.device_kind, "platform": device.platform,
               "jax_version": jax.__version__, "jaxlib_version": importlib.metadata.version("jaxlib"),
@@ -358,35 +461,61 @@ def run(argv=None):
                   datetime.timezone.utc).isoformat(timespec="seconds"),
               "copy_gbs": copy / 1e9, "copy_mb": o.copy_mb, "copy_us": copy_t * 1e6,
               "calls": o.calls, "reps": o.reps, "cache_mb": o.cache_mb, "flush_mb": o.flush_mb}
+    if o.shard:
+        header.update(devices=n, shard=o.shard, mesh_device_kinds=[d.device_kind for d in
+                                                                   devices[:n]])
     print(f"device {device.device_kind} ({device.platform}); jax {jax.__version__}; copy "
           f"{copy / 1e9:.0f} GB/s (jax_mamba_copy, {o.copy_mb:g} MiB, read + write)")
     print(f"{'case':<28}{'impl':<10}{'algo':<11}{'us/call':>10}{'GB/s':>9}{'% copy':>8}"
-          f"{'speedup':>9}" + (f"{'kernel us':>11}" if o.profile else ""))
-    flush = make_flush(device, o.flush_mb)
+          f"{'speedup':>9}" + (f"{'kernel us':>11}" if o.profile else "")
+          + (f"{'layout':>12}{'vs 1':>8}{'kept':>6}" if o.shard else ""))
+    flush = make_flush(devices[:n] if mesh is not None else device, o.flush_mb)
     rows = []
     for c in o.configs:
         nbytes = bc.bytes_per_call(c)
-        timed = {impl: time_config(impl, c, o, device, flush) for impl in o.impl}
-        t = {impl: v[0] for impl, v in timed.items()}
-        for impl in o.impl:
-            ok = math.isfinite(t[impl])
-            sp = (t["reference"] / t[impl] if ok and "reference" in t and impl != "reference"
-                  and math.isfinite(t["reference"]) else None)
-            ku = kernel_us.get(c.label) if impl == "ffi" else None
-            r = {"case": c.label, "family": c.family, "batch": c.batch, "impl": impl,
-                 "algorithm": o.algorithm if impl == "ffi" else "-",
-                 "us_per_call": t[impl] * 1e6 if ok else None,  # None: t(2K) <= t(K), noise
-                 "gbs": nbytes / t[impl] / 1e9 if ok else None,
-                 "pct_copy": 100 * nbytes / t[impl] / copy if ok else None,
-                 "speedup": sp, "bytes_per_call": nbytes,
-                 "chain_median_us": {f"K={k}": v * 1e6 for k, v in timed[impl][1].items()}, "kernel_us_per_call": ku,
-                 "cache_mb": c.cache_mb or o.cache_mb, "config": dataclasses.asdict(c)}
-            rows.append(r)
-            print(f"{c.label:<28}{impl:<10}{r['algorithm']:<11}"
-                  + (f"{r['us_per_call']:>10.2f}{r['gbs']:>9.0f}{r['pct_copy']:>7.0f}%" if ok
-                     else f"{'noisy: t(2K) <= t(K), raise --reps/--calls':>27}")
-                  + (f"{sp:>8.2f}x" if sp else f"{'-':>9}")
-                  + (f"{ku:>11.2f}" if ku else (f"{'-':>11}" if o.profile else "")), flush=True)
+        one_device_gbs = None
+        for shard in [None] + o.shard:
+            why = shard_problem(c, shard, n) if shard else None
+            if why:
+                print(f"{c.label:<28}{'ffi':<10}{'':<11}skipped over {shard} x{n}: {why}")
+                continue
+            nd = n if shard else 1
+            impls = o.impl if shard is None else ["ffi"]
+            timed = {impl: time_config(impl, c, o, device, flush, mesh if shard else None,
+                                       shard) for impl in impls}
+            t = {impl: v[0] for impl, v in timed.items()}
+            for impl in impls:
+                ok = math.isfinite(t[impl])
+                sp = (t["reference"] / t[impl] if ok and "reference" in t and impl != "reference"
+                      and math.isfinite(t["reference"]) else None)
+                ku = kernel_us.get(c.label) if impl == "ffi" and not shard else None
+                r = {"case": c.label, "family": c.family, "batch": c.batch, "impl": impl,
+                     "algorithm": o.algorithm if impl == "ffi" else "-",
+                     "us_per_call": t[impl] * 1e6 if ok else None,  # None: t(2K) <= t(K), noise
+                     "gbs": nbytes / t[impl] / 1e9 if ok else None,
+                     "pct_copy": 100 * nbytes / t[impl] / (copy * nd) if ok else None,
+                     "speedup": sp, "bytes_per_call": nbytes,
+                     "chain_median_us": {f"K={k}": v * 1e6 for k, v in timed[impl][1].items()},
+                     "kernel_us_per_call": ku,
+                     "cache_mb": c.cache_mb or o.cache_mb, "config": dataclasses.asdict(c)}
+                extra = ""
+                if o.shard:  # the layout columns (and keys) only when sharded rows are asked for
+                    if shard is None and impl == "ffi":
+                        one_device_gbs = r["gbs"]
+                    vs = (r["gbs"] / one_device_gbs if shard and r["gbs"] and one_device_gbs
+                          else None)
+                    r.update(shard=shard, devices=nd, vs_one_device=vs,
+                             state_kept=bool(timed[impl][2]))
+                    extra = (f"{(f'{shard} x{nd}' if shard else '1 device'):>12}"
+                             + (f"{vs:>7.2f}x" if vs else f"{'-':>8}")
+                             + f"{'yes' if r['state_kept'] else 'NO':>6}")
+                rows.append(r)
+                print(f"{c.label:<28}{impl:<10}{r['algorithm']:<11}"
+                      + (f"{r['us_per_call']:>10.2f}{r['gbs']:>9.0f}{r['pct_copy']:>7.0f}%" if ok
+                         else f"{'noisy: t(2K) <= t(K), raise --reps/--calls':>27}")
+                      + (f"{sp:>8.2f}x" if sp else f"{'-':>9}")
+                      + (f"{ku:>11.2f}" if ku else (f"{'-':>11}" if o.profile else ""))
+                      + extra, flush=True)
     if o.json:
         with open(o.json, "w") as f:
             json.dump({"header": header, "rows": rows}, f, indent=1)

@@ -15,6 +15,18 @@
 #              examples/speculative_decoding.py on the GPU (not in the default STAGES); without
 #              flax on the machine it installs wheels/examples/ (scripts/fetch_example_wheels.sh,
 #              carried with the checkout) into a private directory first
+#   multigpu   issue #11, for an nvidia-h200-x2 machine (not in the default STAGES; needs the
+#              build stage on a fresh machine: STAGES="build multigpu"): the sharding cases on a
+#              2-GPU mesh (tests/test_sharding.py: the subset test_two_devices[gpu] first, every
+#              case last; each bit for bit equal to one GPU, no collective on a state-sized
+#              array, state kept sharded and in place), between them the benchmark's b64-bf16
+#              and b256-bf16 rows on one GPU and with the cache sharded over heads and over
+#              slots on 2 GPUs (--shard heads --shard slots --devices 2: us/call, aggregate
+#              GB/s, 'vs 1' the ratio to one GPU, target >= 1.8x), JSON in $OUT/multigpu.json.
+#              NVLink multicast stays off: NCCL_NVLS_ENABLE=0, TORCH_SYMM_MEM_DISABLE_MULTICAST=1
+#              and NVSHMEM_DISABLE_NVLS=1 are exported for it. MULTIGPU_CASES (default
+#              "b64-bf16 b256-bf16"), MULTIGPU_SHARD (default "heads slots"). With PYTEST_K=cpu
+#              it is a dry run on 2 forced host CPU devices at a tiny shape
 # STAGES="build tests sanitize perf ncu" (default). A stage does not start once BUDGET seconds
 # (default 560: a device call lasts at most 600) are spent, and runs at most until then.
 # PYTEST_K (default gpu) picks the platform of the pytest stages: PYTEST_K=cpu STAGES=tests
@@ -134,6 +146,28 @@ if has ncu; then
   else
     summary "ncu: skipped (not found)"
   fi
+fi
+if has multigpu; then
+  export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+  if [ "$K" = gpu ]; then
+    summary "multigpu: $(python -c "import jax; d = jax.devices('gpu'); print(len(d), 'GPUs:', d)" \
+      2>&1 | tail -1)"
+    bench=(--platform gpu)
+    for c in ${MULTIGPU_CASES:-b64-bf16 b256-bf16}; do bench+=(--case "$c"); done
+    benv=()
+  else  # dry run: 2 forced host CPU devices, a tiny free-form shape
+    bench=(--platform cpu --batch 8 --heads 4 --ngroups 2 --dim 8 --dstate 16 --calls 2 --reps 2
+           --cache-mb 1 --copy-mb 1 --flush-mb 0.5)
+    benv=(XLA_FLAGS="${XLA_FLAGS:-} --xla_force_host_platform_device_count=2" JAX_PLATFORMS=cpu)
+  fi
+  for sh in ${MULTIGPU_SHARD:-heads slots}; do bench+=(--shard "$sh"); done
+  # the subset (test_two_devices[gpu]; with K=cpu [cpu]), the benchmark, then every case
+  stage sharding_2dev_$K 200 "${PYTEST[@]}" -k "$K and two_devices" tests/test_sharding.py
+  # named perf_*: its rows are in the "==== perf" digest below
+  stage perf_multigpu 240 env "${benv[@]}" python -m jax_mamba.benchmark --impl ffi "${bench[@]}" \
+    --devices 2 --json "$OUT/multigpu.json"
+  [ "$K" = gpu ] && stage sharding_2gpu_every_case 300 "${PYTEST[@]}" -k "gpu and every_case" \
+    tests/test_sharding.py
 fi
 if has examples; then
   if ! python -c "import flax" 2> /dev/null; then

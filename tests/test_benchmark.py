@@ -148,3 +148,93 @@ def test_plot(tmp_path):
     rows = [{"family": "bf16", "impl": "ffi", "batch": b, "gbs": g} for b, g in ((1, 5), (8, 9))]
     benchmark.plot(rows, tmp_path / "p.png", {"copy_gbs": 10, "device_kind": "cpu"})
     assert (tmp_path / "p.png").stat().st_size > 0
+
+
+SHARDED_CHILD = r'''
+import json, sys
+import jax, numpy as np
+from jax.sharding import Mesh
+from jax_mamba import _bench_cases as bc, benchmark
+assert len(jax.devices()) == 2, jax.devices()
+mesh = Mesh(np.array(jax.devices()), ("m",))
+c = bc.Config(batch=6, heads=4, ngroups=2, dim=8, dstate=16, z=True)
+arr = benchmark.Arrays(c, 3, 0.05, jax.devices()[0], mesh=mesh, shard="slots")
+slots = np.stack([np.asarray(s) for s in arr.slots(3)])
+shard_of = slots // (arr.S // 2)
+heads = benchmark.Arrays(c, 1, 0.05, jax.devices()[0], mesh=mesh, shard="heads")
+print("checks: " + json.dumps({
+    "S": arr.S, "slots_local": bool((shard_of == np.arange(6) % 2).all()),
+    "distinct": len(set(slots.ravel())) == slots.size,
+    "state_slots": list(arr.carry[0].sharding.spec),
+    "state_heads": list(heads.carry[0].sharding.spec),
+    "x_heads": list(heads.inputs[0][0].sharding.spec),
+    "B_heads": list(heads.inputs[0][2].sharding.spec)}))
+benchmark.main(sys.argv[1:])
+'''
+
+
+def test_sharded_rows_on_two_cpu_devices(tmp_path):
+    """--shard heads / slots on 2 forced host devices (a child process: the device count is
+    fixed when jax initialises): each shard's entries get its own slots, the arrays are laid
+    out as the module docstring says, and every layout gives a row whose state came back
+    sharded and in place."""
+    import os
+    import subprocess
+    import sys
+    path = tmp_path / "r.json"
+    env = dict(os.environ, JAX_PLATFORMS="cpu",
+               XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    args = ["--platform", "cpu", "--batch", "8", "--heads", "4", "--ngroups", "2", "--dim", "8",
+            "--dstate", "16", "--mtp", "2", "--calls", "2", "--reps", "2", "--cache-mb", "0.5",
+            "--copy-mb", "1", "--flush-mb", "0.5", "--shard", "heads", "--shard", "slots",
+            "--devices", "2", "--json", str(path)]
+    r = subprocess.run([sys.executable, "-c", SHARDED_CHILD] + args, capture_output=True,
+                       text=True, timeout=300, env=env, cwd=os.path.dirname(__file__))
+    assert r.returncode == 0, r.stdout + r.stderr
+    line = [l for l in r.stdout.splitlines() if l.startswith("checks: ")][0]
+    checks = json.loads(line[len("checks: "):])
+    assert checks["slots_local"] and checks["distinct"] and checks["S"] % 2 == 0, checks
+    assert checks["state_slots"] == ["m"] and checks["state_heads"] == [None, "m"], checks
+    assert checks["x_heads"] == [None, "m"] and checks["B_heads"] == [None, "m"], checks
+    d = json.loads(path.read_text())
+    assert d["header"]["devices"] == 2 and d["header"]["shard"] == ["heads", "slots"]
+    assert [(row["shard"], row["devices"], row["impl"]) for row in d["rows"]] == [
+        (None, 1, "ffi"), ("heads", 2, "ffi"), ("slots", 2, "ffi")]
+    nbytes = {row["bytes_per_call"] for row in d["rows"]}
+    assert len(nbytes) == 1, nbytes  # one count for every layout: the whole call's bytes
+    for row in d["rows"]:
+        assert row["state_kept"], row
+        assert row["us_per_call"] is None or row["gbs"] > 0
+    assert "vs 1" in r.stdout and "heads x2" in r.stdout and "slots x2" in r.stdout
+
+
+@pytest.mark.parametrize("argv,msg", [
+    (["--devices", "2"], "--devices"), (["--shard", "heads", "--devices", "0"], "--devices"),
+    (["--shard", "slots", "--impl", "reference"], "ffi")])
+def test_bad_shard_arguments(argv, msg, capsys):
+    with pytest.raises(SystemExit) as e:
+        benchmark.parse_args(argv)
+    assert e.value.code == 2 and msg in capsys.readouterr().err
+
+
+def test_shard_defaults():
+    o = benchmark.parse_args([])
+    assert o.impl == ["ffi", "reference"] and o.shard == []
+    o = benchmark.parse_args(["--shard", "heads", "--shard", "slots", "--shard", "heads"])
+    assert o.impl == ["ffi"] and o.shard == ["heads", "slots"]
+
+
+def test_shard_problem():
+    """What a layout cannot run without gathering something state-sized is skipped (a row
+    'skipped over ...'), not timed."""
+    c = bc.CASES["b64-bf16"]  # H64 G8
+    assert benchmark.shard_problem(c, "heads", 2) is None
+    assert benchmark.shard_problem(c, "heads", 16) is None          # 16 = 2 x G: one group each
+    assert "groups" in benchmark.shard_problem(dataclasses.replace(c, heads=12, ngroups=3),
+                                               "heads", 4)
+    assert "heads" in benchmark.shard_problem(dataclasses.replace(c, heads=6, ngroups=1),
+                                              "heads", 4)
+    assert benchmark.shard_problem(c, "slots", 2) is None
+    assert "intermediate" in benchmark.shard_problem(bc.CASES["mtp4-b64-bf16-inter"], "slots", 2)
+    assert benchmark.shard_problem(bc.CASES["mtp4-b64-bf16-inter"], "heads", 2) is None
+    assert "Mamba-1" in benchmark.shard_problem(bc.CASES["mamba1-b64-fp32"], "heads", 2)
