@@ -69,15 +69,12 @@ def _ffi_function(results, aliases, attrs):
     return functools.partial(ffi, **dict(attrs))
 
 
-@functools.lru_cache(maxsize=256)
-def _jitted(params):
-    return jax.jit(lambda *operands: ssu_p.bind(*operands, **dict(params)))
-
-
 @ssu_p.def_impl
-def _impl(*operands, **params):
-    """Eager calls: compiled once per set of static parameters."""
-    return _jitted(tuple(sorted(params.items())))(*operands)
+def _impl(*operands, results, aliases, attrs, plan):
+    """Eager evaluation (reached under jax.disable_jit: calls are jitted otherwise): the FFI
+    call itself, whose own eager path compiles it; a strategy CUDA cannot run is then refused
+    by the handler's planner instead of at lowering."""
+    return _ffi_function(results, aliases, attrs)(*operands)
 
 
 @ssu_p.def_abstract_eval

@@ -42,3 +42,17 @@ def test_export_roundtrip(device):
     want = step(arrays)
     close("out", got.out, want.out, TOL[cfg.inp] / 100)
     np.testing.assert_array_equal(np.asarray(got.state), np.asarray(want.state))
+
+
+@pytest.mark.parametrize("cfg", [Cfg(), Cfg(mode="mtp", inter="idx", state="i16"),
+                                 Cfg(mode="varlen", pads=True)], ids=["stp", "mtp_i16", "varlen"])
+def test_disable_jit_runs_and_agrees(cfg, device):
+    """Under jax.disable_jit (a debugging mode) the op evaluates eagerly, bit-equal to jit."""
+    with jax.default_device(device):
+        kw = make_case(cfg, np.random.default_rng(3))
+        want = jax_mamba.selective_state_update(**kw)
+        with jax.disable_jit():
+            got = jax_mamba.selective_state_update(**kw)
+    for g, w in zip(got, want):
+        if w is not None:
+            np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
