@@ -150,6 +150,9 @@ inline int parse_algorithm(std::string_view s) {
     if (s == names[i]) return i;
   return -1;
 }
+inline std::string unknown_algorithm(std::string_view s) {
+  return "algorithm: expected auto/simple/vertical/horizontal, got '" + std::string(s) + "'";
+}
 
 inline ffi::Error decode_params(Call& call, Params* p, int64_t* algorithm, AliasCopies* copies) {
   ffi::AnyBuffer* in = call.in;
@@ -158,8 +161,7 @@ inline ffi::Error decode_params(Call& call, Params* p, int64_t* algorithm, Alias
   const Presence& has = call.has;
   *algorithm = parse_algorithm(set.algorithm);
   if (*algorithm < 0)
-    return bad("algorithm: expected auto/simple/vertical/horizontal, got '" +
-               std::string(set.algorithm) + "'");
+    return bad(unknown_algorithm(set.algorithm));
   if (set.philox_rounds <= 0 || set.philox_rounds > 1 << 20)
     return bad("philox_rounds: expected a positive round count, got " +
                std::to_string(set.philox_rounds));

@@ -42,7 +42,7 @@ inline std::tuple<std::string, std::string> plan_py(
   if (t == 4) return {"", "unsupported state dtype " + state_dtype};
   p.state_t = dts[t];
   const int64_t id = parse_algorithm(algorithm);
-  if (id < 0) return {"", "algorithm: expected auto/simple/vertical/horizontal, got '" + algorithm + "'"};
+  if (id < 0) return {"", unknown_algorithm(algorithm)};
   cuda::DeviceInfo di;
   di.sms = sms;
   di.smem_optin = smem_optin;

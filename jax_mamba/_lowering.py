@@ -9,7 +9,7 @@ import functools
 import jax
 import numpy as np
 from jax.extend.core import Primitive
-from jax.interpreters import ad, mlir
+from jax.interpreters import mlir
 
 from . import _contract, _cpu, _ffi
 
@@ -88,8 +88,7 @@ def _lower_cpu(ctx, *operands, results, aliases, attrs, plan):
 
 
 def _lower_cuda(ctx, *operands, results, aliases, attrs, plan):
-    if not _ffi.HAS_CUDA:
-        raise RuntimeError(f"{_ffi.MISSING_CUDA} (lowering for CUDA)")
+    _ffi.require_handler("cuda")
     why = cuda_refusal(plan)
     if why is not None:
         algorithm = dict(plan)["algorithm"]
@@ -102,10 +101,3 @@ def _lower_cuda(ctx, *operands, results, aliases, attrs, plan):
 
 mlir.register_lowering(ssu_p, _lower_cpu, platform="cpu")
 mlir.register_lowering(ssu_p, _lower_cuda, platform="cuda")
-
-
-def _no_derivative(primals, tangents, **params):  # the public op raises first (batching.py)
-    raise TypeError(NOT_DIFFERENTIABLE)
-
-
-ad.primitive_jvps[ssu_p] = _no_derivative

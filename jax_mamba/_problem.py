@@ -27,6 +27,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from . import _contract
+
 ALGORITHMS = ("auto", "simple", "vertical", "horizontal")
 FLOAT_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 STATE_DTYPES = FLOAT_DTYPES + (jnp.int16,)
@@ -467,17 +469,13 @@ def canonicalise(sh: _Shape, st: Settings, a: dict):
     return pb, restore
 
 
-_ARRAYS = ("state", "x", "dt", "A", "B", "C", "D", "z", "dt_bias", "state_batch_indices",
-           "dst_state_batch_indices", "state_scale", "out", "intermediate_states_buffer",
-           "intermediate_state_indices", "intermediate_state_scales", "cu_seqlens",
-           "num_accepted_tokens")
+_ARRAYS = tuple(n for n in _contract.OPERANDS if n != "rand_seed")  # rand_seed: seed_words
 
 
 def build_problem(**args):
     """Validates the public arguments (by name, as in SIGNATURE) and returns (Problem, Restore)."""
-    st = _settings(*(args[n] for n in ("pad_slot_id", "dt_softplus", "disable_state_update",
-                                       "philox_rounds", "cache_steps", "algorithm")))
-    for name in ("state", "x", "dt", "A", "B", "C"):
+    st = _settings(**{name: args[name] for name, _ in _contract.SETTINGS})
+    for name in _contract.REQUIRED:
         _required(name, args[name])
     a = {name: _as_array(name, args[name]) for name in _ARRAYS}
     sh = _mode(_state(a["state"]), a["state"], a["x"], a["cu_seqlens"])

@@ -113,9 +113,7 @@ def _vmap_rule(V, in_batched, ops, results, aliases, attrs, plan):
             outb.append(name == "out" or has(name))
         return tuple(outs), tuple(outb)
 
-    idx_dtype = next((lay.dtypes[_I[n]] for n in ("state_batch_indices",
-                      "dst_state_batch_indices", "intermediate_state_indices") if has(n)),
-                     np.dtype(np.int32))
+    idx_dtype = lay.index_dtype
     limit = max(V * S, V * I)
     if idx_dtype == np.int32 and limit > np.iinfo(np.int32).max:
         raise ValueError(f"vmap of selective_state_update: {V} instances of {S} slots exceed "

@@ -5,8 +5,6 @@ from . import _contract, _lowering
 from . import batching as _batching
 from ._problem import Problem, Restore, SSUResult, public_function
 
-_OPERANDS = _contract.OPERANDS  # in call order
-
 
 def _call(pb: Problem, restore: Restore) -> SSUResult:
     # the platform-specific checks (CUDA planner, a build without CUDA) happen when lowering

@@ -51,14 +51,11 @@ from ._problem import Problem, Settings
 # it spills, puts the per-entry scratch in place of the state (dst) or of the intermediate
 # buffer.
 
-def _name(entry):  # an operand name, or an (operand name, Problem field) pair
-    return entry if isinstance(entry, str) else entry[0]
-
-
-_NAMES = tuple(_name(o) for o in _contract.OPERANDS)
+_NAMES = _contract.OPERANDS
 _I = {name: i for i, name in enumerate(_NAMES)}
-_RESULTS = tuple(_contract.RESULTS)
-_REQUIRED = {_name(o) for o in _contract.REQUIRED}
+_RESULTS = _contract.RESULTS
+_REQUIRED = set(_contract.REQUIRED)
+_INDEX_OPERANDS = ("state_batch_indices", "dst_state_batch_indices", "intermediate_state_indices")
 
 LOCAL_PAD = -1     # pad value of the shard-local calls (never a valid local index)
 LOCAL_BAD = -2     # an index that is invalid on every shard and is not LOCAL_PAD
@@ -125,17 +122,19 @@ class _Layout:
         return 1 if self.varlen else self.shape("x")[1]
 
     @property
+    def index_dtype(self):
+        """The dtype of the call's index operands (one for all of them), int32 without any."""
+        return next((self.dtypes[_I[n]] for n in _INDEX_OPERANDS if self.has(n)),
+                    np.dtype(np.int32))
+
+    @property
     def rows(self):
         """Rows of `out` (entries x steps, or tokens in varlen)."""
         return self.shape("x")[0] * (1 if self.varlen else self.shape("x")[1])
 
 
 def _layout(operands, results, aliases, attrs, plan):
-    present = []
-    for name, arr in zip(_NAMES, operands):
-        flag = attrs.get(f"has_{name}")
-        present.append(True if name in _REQUIRED else
-                       bool(flag) if flag is not None else arr.size > 0)
+    present = [name in _REQUIRED or bool(attrs[f"has_{name}"]) for name in _NAMES]
     return _Layout(
         shapes=tuple(tuple(a.shape) for a in operands),
         dtypes=tuple(np.dtype(a.dtype) for a in operands),
@@ -455,9 +454,7 @@ def _spill_inter(lay, plan, ops, attrs, results, local, shard, axes, platform):
     local["I"] = nb
     ii_name = "intermediate_state_indices"
     explicit = lay.has(ii_name)
-    dtype = lay.dtypes[_I[ii_name]] if explicit else next(
-        (lay.dtypes[_I[n]] for n in ("state_batch_indices", "dst_state_batch_indices")
-         if lay.has(n)), np.dtype(np.int32))
+    dtype = lay.index_dtype
     ii = ops[_I[ii_name]] if explicit else jnp.arange(nb, dtype=dtype)
     skip = (ii == pad) if explicit else jnp.zeros((nb,), bool)  # positional rows: no pad
     inr = ~skip & (ii >= 0) & (ii < I)
@@ -528,11 +525,8 @@ def _local(lay: _Layout, plan: _Plan, mesh, ops):
                 i = _I["state_batch_indices"]
                 ops[i] = _local_src(ops[i], pad, S, off, Sl)
             else:  # entry b reads slot b: explicit local indices
-                idx_dtype = next((lay.dtypes[_I[n]] for n in (
-                    "dst_state_batch_indices", "intermediate_state_indices") if lay.has(n)),
-                    np.dtype(np.int32))
                 ops[_I["state_batch_indices"]] = _local_src(
-                    jnp.arange(nb, dtype=idx_dtype), pad, S, off, Sl, pad_aware=False)
+                    jnp.arange(nb, dtype=lay.index_dtype), pad, S, off, Sl, pad_aware=False)
                 attrs["has_state_batch_indices"] = True
             if has_dst:  # under disable_state_update: neither written nor checked
                 i = _I["dst_state_batch_indices"]
@@ -570,12 +564,17 @@ def _fallback_mesh(shardings):
     return Mesh(np.array(sorted(devices, key=lambda d: d.id)), ("_replicated",))
 
 
-def _partition(lay, mesh, arg_shapes, result_shape):
+def _choose(lay, mesh, arg_shapes):
+    """(mesh, plan) for the operands' shardings."""
     shardings = [getattr(a, "sharding", None) for a in arg_shapes]
     if _usable(mesh, shardings):
-        plan = _plan(lay, mesh, shardings)
-    else:  # not expressible on a named mesh: run replicated (correct, gathers)
-        mesh, plan = _fallback_mesh(shardings), _replicated_plan(lay)
+        return mesh, _plan(lay, mesh, shardings)
+    # not expressible on a named mesh: run replicated (correct, gathers)
+    return _fallback_mesh(shardings), _replicated_plan(lay)
+
+
+def _partition(lay, mesh, arg_shapes, result_shape):
+    mesh, plan = _choose(lay, mesh, arg_shapes)
 
     def lower(*ops):
         return _local(lay, plan, mesh, ops)
@@ -584,11 +583,7 @@ def _partition(lay, mesh, arg_shapes, result_shape):
 
 
 def _infer(lay, mesh, arg_shapes, result_shape):
-    shardings = [getattr(a, "sharding", None) for a in arg_shapes]
-    if not _usable(mesh, shardings):
-        mesh, plan = _fallback_mesh(shardings), _replicated_plan(lay)
-    else:
-        plan = _plan(lay, mesh, shardings)
+    mesh, plan = _choose(lay, mesh, arg_shapes)
     return _shardings(mesh, plan.res_specs)
 
 
