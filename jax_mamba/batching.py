@@ -76,18 +76,6 @@ def _batchable(operands, results, aliases, attrs, plan):
     return fn(*operands)
 
 
-def _remap(v, inst, n, pad, new_pad, bad, pad_aware=True):
-    """Index array of instance `inst` (a scalar, or one per leading row of v) into a range of
-    n -> the folded range."""
-    if jnp.ndim(inst) == 1:
-        inst = inst.reshape((-1,) + (1,) * (v.ndim - 1))
-    ok = (v >= 0) & (v < n)
-    r = jnp.where(ok, v + (inst * n).astype(v.dtype), jnp.asarray(bad, v.dtype))
-    if pad_aware:
-        r = jnp.where(v == pad, jnp.asarray(new_pad, v.dtype), r)
-    return r.astype(v.dtype)
-
-
 def _vmap_rule(V, in_batched, ops, results, aliases, attrs, plan):
     ops = list(ops)
     batched = list(in_batched)
@@ -118,8 +106,9 @@ def _vmap_rule(V, in_batched, ops, results, aliases, attrs, plan):
     if idx_dtype == np.int32 and limit > np.iinfo(np.int32).max:
         raise ValueError(f"vmap of selective_state_update: {V} instances of {S} slots exceed "
                          "int32 indices; pass int64 indices (jax_enable_x64)")
-    new_pad = pad if (pad < 0 or pad >= limit) else -1
-    bad = -1 if new_pad != -1 else -2
+    # the folded view is the layer cache's flat view with instances for layers
+    from .cache import flat_pad_slot_id, flat_slot_indices
+    new_pad = flat_pad_slot_id(pad)
     new_attrs = dict(attrs, pad_slot_id=new_pad, has_state_batch_indices=True)
     if has("intermediate_states_buffer"):
         new_attrs["has_intermediate_state_indices"] = True
@@ -150,19 +139,21 @@ def _vmap_rule(V, in_batched, ops, results, aliases, attrs, plan):
     for name in _PARAMS:
         if has(name) and batched[_I[name]]:
             xs[name] = jnp.concatenate([full(name)] + [full(name)[:1]] * (Vp - V))
-    base = jnp.broadcast_to(jnp.arange(nb, dtype=idx_dtype), (V, nb))
-    if has("state_batch_indices"):
-        sbi = _remap(full("state_batch_indices"), inst, S, pad, new_pad, bad)
-    else:
-        sbi = _remap(base, inst, S, pad, new_pad, bad, pad_aware=False)
+
+    def folded(name, n):  # instance v's indices into [v*n, (v+1)*n); pad / invalid kept so
+        v = full(name)
+        return flat_slot_indices(v, inst.reshape((V,) + (1,) * (v.ndim - 1)), n, V, pad)
+
+    def positional(n):  # no indices: entry b uses slot / row b (never pad; in range, validated)
+        return jnp.arange(nb, dtype=idx_dtype)[None, :] + (inst * n)[:, None]
+
+    sbi = folded("state_batch_indices", S) if has("state_batch_indices") else positional(S)
     xs["state_batch_indices"] = padded(sbi, new_pad)
     if has("dst_state_batch_indices"):
-        xs["dst_state_batch_indices"] = padded(
-            _remap(full("dst_state_batch_indices"), inst, S, pad, new_pad, bad), new_pad)
+        xs["dst_state_batch_indices"] = padded(folded("dst_state_batch_indices", S), new_pad)
     if has("intermediate_states_buffer"):
         ii = "intermediate_state_indices"
-        rows = (_remap(full(ii), inst, I, pad, new_pad, bad) if has(ii) else
-                _remap(base, inst, I, pad, new_pad, bad, pad_aware=False))
+        rows = folded(ii, I) if has(ii) else positional(I)
         xs[ii] = padded(rows, new_pad)
     # (Vp, d, ...) -> (groups, per*d, ...): per instances side by side in one call
     for name, a in xs.items():

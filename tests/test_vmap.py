@@ -1,4 +1,4 @@
-"""vmap of selective_state_update (SPEC §4, issue #10 item 2): equal to a loop over the
+"""vmap of selective_state_update (docs/sharding.md "vmap", issue #10 item 2): equal to a loop over the
 instances, and with a donated batched cache in place (the vmapped axis is folded into the slot
 axis: one kernel call, no copy of the state)."""
 import re
@@ -76,6 +76,27 @@ def _invalid(rows):
     return edit
 
 
+def _invalid_in(name, rows, n_of):
+    """Out-of-range values (n + 1, or negative) in index array `name` for the given entries;
+    n_of(kw) is the range of that array (S for slot indices, I for intermediate rows)."""
+    def edit(kw, v):
+        a = np.asarray(kw[name]).copy()
+        n = n_of(kw)
+        for e in rows:
+            a[e] = n + 1 if (e + v) % 2 else -3
+        kw[name] = jnp.asarray(a, a.dtype)
+        return kw
+    return edit
+
+
+def _slots(kw):
+    return kw["state"].shape[0]
+
+
+def _rows(kw):
+    return kw["intermediate_states_buffer"].shape[0]
+
+
 FOLD_CASES = {
     "stp_pads_invalid": (Cfg(mode="stp", S=12, b=4, pads=True), _invalid([1])),
     "stp_pad_is_S": (Cfg(mode="stp", S=12, b=4, pads=True, pad_slot_id=12), _invalid([2])),
@@ -86,6 +107,14 @@ FOLD_CASES = {
     "mtp_inter_i16": (Cfg(mode="mtp", S=12, b=3, T=2, state="i16", inter="idx", pads=True,
                           bias=True, softplus=True), None),
     "mamba1_mtp": (Cfg(mode="mtp", heads=False, S=12, b=3, T=2, G=1, pads=True), _invalid([0])),
+    # an invalid dst / intermediate index stays invalid in the folded view (it must not
+    # reach a slot or row of another instance)
+    "stp_dst_invalid": (Cfg(mode="stp", S=12, b=3, dst="1d"),
+                        _invalid_in("dst_state_batch_indices", [0, 2], _slots)),
+    "mtp_dst2d_invalid": (Cfg(mode="mtp", S=20, b=3, T=2, dst="2d", pads=True),
+                          _invalid_in("dst_state_batch_indices", [1], _slots)),
+    "mtp_inter_invalid": (Cfg(mode="mtp", S=12, b=3, T=2, inter="idx"),
+                          _invalid_in("intermediate_state_indices", [0, 1], _rows)),
     "disable_update_bf16": (Cfg(mode="stp", S=12, b=3, state="bf16", inp="bf16", w="bf16",
                                 dst="1d", disable=True), None),
 }
@@ -140,6 +169,26 @@ def test_vmap_nested_and_axis():
             for g in (got, got2):
                 np.testing.assert_array_equal(_bits(g.out[i, j]), _bits(want.out))
                 np.testing.assert_array_equal(_bits(g.state[i, j]), _bits(want.state))
+
+
+def test_vmap_int32_index_overflow_is_refused():
+    """Folding V instances of S slots needs indices up to V*S (the invalid marker): past the
+    int32 range the rule asks for int64 indices instead of wrapping around."""
+    S = 2**30 + 1           # 2 * S > int32 max; shapes only (eval_shape allocates nothing)
+    st = jax.ShapeDtypeStruct((2, S, 1, 1, 8), jnp.float32)
+    x = jax.ShapeDtypeStruct((2, 1, 1, 1), jnp.float32)
+    A = jnp.full((1,), -1.0, jnp.float32)
+    BC = jax.ShapeDtypeStruct((2, 1, 1, 8), jnp.float32)
+    sbi = jax.ShapeDtypeStruct((2, 1), jnp.int32)
+
+    def f(st, x, b, c, i):
+        return jax_mamba.selective_state_update(st, x, x, A, b, c, None,
+                                                state_batch_indices=i).out
+
+    with pytest.raises(ValueError, match=r"2 instances of 1073741825 slots exceed int32"):
+        jax.eval_shape(jax.vmap(f), st, x, BC, BC, sbi)
+    small = jax.ShapeDtypeStruct((2, 2**30 - 1, 1, 1, 8), jnp.float32)   # 2 * S fits
+    assert jax.eval_shape(jax.vmap(f), small, x, BC, BC, sbi).shape == (2, 1, 1, 1)
 
 
 def _entry(hlo):
