@@ -19,7 +19,8 @@ add_library(jax_mamba_cuda_kernels STATIC
   ffi/ssu_cuda.cu
   ffi/ssu_plan.cc
   ${JAX_MAMBA_CUDA_INSTANCES}
-  ffi/copy_cuda.cu)
+  ffi/copy_cuda.cu
+  ffi/copy_ceiling.cu)
 target_include_directories(jax_mamba_cuda_kernels SYSTEM PRIVATE ${XLA_FFI_INCLUDE_DIR})
 target_include_directories(jax_mamba_cuda_kernels PRIVATE ffi)
 set_target_properties(jax_mamba_cuda_kernels PROPERTIES

@@ -1,5 +1,6 @@
-// CUDA handler of jax_mamba_copy: one device-to-device cudaMemcpyAsync on XLA's stream, the
-// same class of copy as cudaMemcpy (SPEC §5's ceiling). No allocation or synchronisation, so
+// CUDA handler of jax_mamba_copy: one device-to-device cudaMemcpyAsync on XLA's stream. The
+// benchmark's L2 flush; not its ceiling (copy_ceiling.cu, docs/performance.md): chained inside
+// an XLA program it reads far below a single cudaMemcpy. No allocation or synchronisation, so
 // it can be captured into an XLA command buffer (CUDA graph memcpy node).
 #include <string>
 

@@ -1,4 +1,5 @@
-"""Benchmark configurations: one `Config` per measured row, and the named cases (SPEC §5 rows)."""
+"""Benchmark configurations: one `Config` per measured row, and the named cases (the rows of
+docs/performance.md)."""
 from __future__ import annotations
 
 import dataclasses
@@ -67,7 +68,7 @@ def validate(c: Config) -> str | None:
 
 
 def bytes_per_call(c: Config) -> int:
-    """FlashInfer's count (SPEC §5): state read + write of the touched slots (+ intermediate
+    """FlashInfer's count (docs/performance.md): state read + write of the touched slots (+ intermediate
     writes), x, dt, B, C, z, out, per-head params (Mamba-2 only, as FlashInfer) and int16 scales."""
     hp = c.dim if c.mamba1 else c.heads * c.dim
     lead = c.batch * max(c.mtp, 1)
@@ -107,7 +108,7 @@ CASES = {c.name: c for c in [
     _case("b64-bf16-sr", 64, sr=True),
     _case("mamba1-b64-fp32", 64, "fp32", mamba1=True, heads=1, ngroups=1, dim=8192, dstate=16),
     *(_case(f"b64-bf16-n{n}", 64, dstate=n) for n in (16, 64, 256)),
-    # SPEC §5's large-cache row: 32 GiB of random slots (only when asked for by name)
+    # the large-cache row (docs/performance.md): 32 GiB of random slots (only when asked for by name)
     _case("b256-bf16-cache32g", 256, cache_mb=32768),
 ]}
 BY_NAME_ONLY = {"b256-bf16-cache32g"}

@@ -1,4 +1,5 @@
-"""--profile: the kernel's own time per call, measured by Nsight Compute (SPEC §5 cross-check).
+"""--profile: the kernel's own time per call, measured by Nsight Compute (the cross-check of
+docs/performance.md).
 
 The benchmark re-runs itself for one case under
     ncu --clock-control none --kernel-name regex:ssu_ --csv --metrics gpu__time_duration.sum

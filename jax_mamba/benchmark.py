@@ -1,4 +1,4 @@
-"""Benchmark: effective bandwidth of selective_state_update vs a device-to-device copy (SPEC §5).
+"""Benchmark: effective bandwidth of selective_state_update against a device copy.
 
     python -m jax_mamba.benchmark                              # bf16, batches 1 8 64 256 (GPU)
     python -m jax_mamba.benchmark --case all --json r.json     # every named case (list: --list)
@@ -7,13 +7,22 @@
     python -m jax_mamba.benchmark --impl ffi --case b64-bf16 --shard heads --shard slots
                                   # + the cache sharded over heads / slots on all devices
 
-Ceiling: the jax_mamba_copy target (cudaMemcpyAsync device to device) over >= 1 GiB, measured in
-the same run, read + write bytes. Each timing runs K and 2K consecutive donated calls inside one
-jitted function; per-call time = (median t(2K) - median t(K)) / K, which cancels the fixed cost of
-dispatching the executable. Every call of a chain has its own random slots of a cache far larger
-than L2 (new slots every repetition) and its own x/dt/B/C buffers, and an L2 flush (a copy of
---flush-mb) precedes every timed run, so no call finds its inputs or state in cache. Bytes follow
-FlashInfer's count (_bench_cases.bytes_per_call).
+Method and targets: docs/performance.md.
+
+Ceiling ('% copy'): on a GPU, a copy of a --copy-mb buffer (default 1024 MiB) measured in the
+same run outside XLA, the way torch times its copy_: one launch per timing between two CUDA
+events, median of several after warm-up, by two methods, cudaMemcpyAsync device to device and
+an SM copy kernel with 16-byte loads and stores (grid-stride, the whole device's worth of
+CTAs); both are printed and the faster is the ceiling. Bytes = read + written. On the CPU: a
+chain of memcpy calls of the jax_mamba_copy FFI target. A row above 100% of copy means the
+ruler is wrong: it is printed as an ERROR line after the table and the exit status is 1.
+
+Timing: each timing runs K and 2K consecutive donated calls inside one jitted function;
+per-call time = (median t(2K) - median t(K)) / K, which cancels the fixed cost of dispatching
+the executable. Every call of a chain has its own random slots of a cache far larger than L2
+(new slots every repetition) and its own x/dt/B/C buffers, and an L2 flush (a copy of
+--flush-mb) precedes every timed run, so no call finds its inputs or state in cache. Bytes
+follow FlashInfer's count (_bench_cases.bytes_per_call).
 
 --shard heads|slots (repeatable) adds, after each config's one-device rows, rows of the same
 donated chain on a mesh of --devices N devices (default: all of the platform's) with the cache
@@ -37,6 +46,7 @@ import math
 import os
 import statistics
 import subprocess
+import sys
 import time
 
 import jax
@@ -47,11 +57,12 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 import jax_mamba
 from . import _bench_cases as bc
 from . import _bench_ncu
-from ._copy import device_copy
+from ._copy import Ceiling, cuda_ceiling, device_copy
 
 IMPLS = {"ffi": lambda: jax_mamba.selective_state_update,
          "reference": lambda: jax_mamba.reference.selective_state_update}
-# platform defaults: the GPU ones are SPEC §5's; the CPU ones keep a default run under a minute
+# platform defaults: the GPU ones are docs/performance.md's method; the CPU ones keep a
+# default run under a minute
 GPU_DEFAULTS = dict(batch=[1, 8, 64, 256], cache_mb=1024, copy_mb=1024, flush_mb=256, calls=10,
                     reps=20)
 CPU_DEFAULTS = dict(batch=[1, 8, 64], cache_mb=64, copy_mb=64, flush_mb=16, calls=4, reps=3)
@@ -97,6 +108,31 @@ def copy_bandwidth(device, nbytes, calls, reps):
     t, _ = _chain_seconds({k: chain(k), 2 * k: chain(2 * k)}, run_once, max(reps, 5),
                           fallback=True)
     return 2 * a.nbytes / t, t
+
+
+def measure_ceiling(device, nbytes, calls, reps) -> Ceiling:
+    """The '% copy' ceiling of `device` over a buffer of `nbytes` (see the module docstring):
+    on a GPU the faster of cudaMemcpyAsync and the SM copy kernel, each timed by events outside
+    XLA; on the CPU the jax_mamba_copy chain (copy_bandwidth)."""
+    if device.platform == "cpu":
+        bw, _ = copy_bandwidth(device, nbytes, calls, reps)
+        return Ceiling.best_of(bw / 1e9, None, 2 * (nbytes // 4) * 4, nbytes / 2**20, cpu=True)
+    return cuda_ceiling(device, nbytes, reps=max(reps, 10), warmup=3)
+
+
+def ruler_errors(rows, limit=100.0):
+    """One loud line per row above `limit` % of copy: no kernel moves bytes faster than the
+    device copies them, so such a row means the ceiling (the ruler) is wrong, not the kernel
+    fast. Rows without a ratio (noisy) are not judged."""
+    errors = []
+    for r in rows:
+        pct = r.get("pct_copy")
+        if pct is not None and pct > limit:
+            where = f" ({r['shard']} x{r['devices']})" if r.get("shard") else ""
+            ceil = f" (ceiling {r['copy_gbs']:.0f} GB/s)" if r.get("copy_gbs") else ""
+            errors.append(f"ERROR: {r['case']} {r['impl']}{where} at {pct:.1f}% of copy: above "
+                          f"{limit:g}% of copy, the ruler is wrong{ceil}")
+    return errors
 
 
 def make_flush(device, mb):
@@ -320,38 +356,60 @@ def plot(rows, path, header):
     plt.close(fig)
 
 
-def parse_args(argv):
-    ap = argparse.ArgumentParser(prog="jax-mamba-bench", description=__doc__.split("\n")[0])
+def build_parser():
+    ap = argparse.ArgumentParser(prog="jax-mamba-bench", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--case", action="append", choices=["all", *bc.CASES], metavar="NAME",
                     help="named case (repeatable; 'all' = every case but b256-bf16-cache32g); "
                          "see --list")
     ap.add_argument("--list", action="store_true", help="print the named cases and exit")
-    g = ap.add_argument_group("free-form shape (without --case)")
-    g.add_argument("--batch", type=int, nargs="+", help="default 1 8 64 256 (GPU), 1 8 64 (CPU)")
-    g.add_argument("--heads", type=int)
-    g.add_argument("--dim", type=int)
-    g.add_argument("--dstate", type=int)
-    g.add_argument("--ngroups", type=int)
-    g.add_argument("--state-dtype", choices=list(bc.SHORT))
-    g.add_argument("--input-dtype", choices=["float32", "bfloat16", "float16"])
+    g = ap.add_argument_group("free-form shape (without --case; defaults: H64 P64 N128 G8, "
+                              "bf16 state and inputs, one token)")
+    g.add_argument("--batch", type=int, nargs="+",
+                   help="batch sizes, one row each (default 1 8 64 256 on a GPU, 1 8 64 on the "
+                        "CPU)")
+    g.add_argument("--heads", type=int, help="H, number of heads (default 64)")
+    g.add_argument("--dim", type=int,
+                   help="P, head dimension (default 64; with --mamba1 the channel count, "
+                        "default 8192)")
+    g.add_argument("--dstate", type=int,
+                   help="N, state size per row (default 128; with --mamba1 16)")
+    g.add_argument("--ngroups", type=int, help="G, groups of B and C; must divide --heads "
+                                               "(default 8)")
+    g.add_argument("--state-dtype", choices=list(bc.SHORT),
+                   help="dtype of the state cache (default bfloat16; int16 = block-scaled "
+                        "with a float32 scale per row)")
+    g.add_argument("--input-dtype", choices=["float32", "bfloat16", "float16"],
+                   help="dtype of x, B, C, z and out (default bfloat16)")
     g.add_argument("--mtp", type=int, help="T > 0: multi-token with T steps")
     g.add_argument("--inter", action="store_true", help="intermediate-state buffer (needs --mtp)")
     g.add_argument("--sr", action="store_true", help="stochastic rounding (fp16/bf16 state)")
-    g.add_argument("--z", action="store_true")
+    g.add_argument("--z", action="store_true", help="pass the gate z (adds its read)")
     g.add_argument("--mamba1", action="store_true", help="3-D state (S, dim, dstate), no heads")
-    ap.add_argument("--calls", type=int, help="K: consecutive calls per jitted function")
-    ap.add_argument("--reps", type=int, help="timed runs of each chain (median)")
+    ap.add_argument("--calls", type=int,
+                    help="K: consecutive calls per jitted function (default 10 GPU, 4 CPU)")
+    ap.add_argument("--reps", type=int,
+                    help="timed runs of each chain, median (default 20 GPU, 3 CPU)")
     ap.add_argument("--cache-mb", type=float, help="state cache (default 1024 GPU, 64 CPU)")
-    ap.add_argument("--copy-mb", type=float, help="copy ceiling size (default 1024 GPU, 64 CPU)")
-    ap.add_argument("--flush-mb", type=float, help="L2 flush before each run (0: none)")
+    ap.add_argument("--copy-mb", type=float,
+                    help="buffer copied by the ceiling, MiB (default 1024 GPU, 64 CPU; on a "
+                         "GPU halved down to 256 when it does not fit)")
+    ap.add_argument("--flush-mb", type=float,
+                    help="L2 flush before each run, MiB (default 256 GPU, 16 CPU; 0: none)")
     ap.add_argument("--algorithm", default="auto", choices=["auto", "simple", "vertical",
-                                                            "horizontal"])
+                                                            "horizontal"],
+                    help="kernel strategy of the ffi handler (default auto: the planner "
+                         "picks; the reference ignores it; see docs/semantics.md)")
     ap.add_argument("--impl", nargs="+", choices=list(IMPLS),
-                    help="default: ffi reference (with --shard: ffi)")
-    ap.add_argument("--platform", choices=["cpu", "gpu", "cuda"], help="default: JAX's default")
+                    help="what to time: ffi (the package's handler) and/or reference (pure "
+                         "jnp under XLA); default: ffi reference (with --shard: ffi)")
+    ap.add_argument("--platform", choices=["cpu", "gpu", "cuda"],
+                    help="JAX platform to run on (default: JAX's default backend)")
     ap.add_argument("--shard", action="append", choices=["heads", "slots"],
-                    help="also time the cache sharded over heads / slots on --devices devices "
-                         "(repeatable; ffi only; see above)")
+                    help="also time the cache sharded over heads (no communication) or over "
+                         "slots (one all-reduce of out per call) on a mesh of --devices "
+                         "devices, after each config's one-device rows (repeatable; ffi only; "
+                         "GB/s is all devices together, 'vs 1' its ratio to one device)")
     ap.add_argument("--devices", type=int, help="mesh size for --shard (default: all devices "
                                                 "of the platform)")
     ap.add_argument("--json", metavar="PATH", help="write header and rows as JSON")
@@ -359,6 +417,11 @@ def parse_args(argv):
     ap.add_argument("--profile", action="store_true",
                     help="also the kernel time per call measured by ncu (CUDA only)")
     ap.add_argument("--profile-child", help=argparse.SUPPRESS)
+    return ap
+
+
+def parse_args(argv):
+    ap = build_parser()
     o = ap.parse_args(argv)
 
     given = [f for f in SHAPE_FLAGS if getattr(o, f) not in (None, False)]
@@ -407,7 +470,10 @@ def _fill_defaults(o, device):
     if any(c.batch is None for c in o.configs):  # free-form without --batch
         o.configs = [dataclasses.replace(o.configs[0], batch=b) for b in d["batch"]]
     if device.platform != "cpu" and o.copy_mb < 1024:
-        print(f"warning: --copy-mb {o.copy_mb:g} < 1024: SPEC §5's ceiling is a copy of >= 1 GiB")
+        print(f"warning: --copy-mb {o.copy_mb:g} < 1024: the ceiling of docs/performance.md is "
+              "a copy of >= 1 GiB")
+    if device.platform != "cpu" and o.copy_mb < 1:
+        raise SystemExit(f"--copy-mb must be >= 1 on a GPU, got {o.copy_mb:g}")
 
 
 def _profile_all(o):
@@ -430,9 +496,9 @@ def _profile_all(o):
 
 
 def main(argv=None):
-    """Console entry point (jax-mamba-bench): exit status 0; run() returns the rows."""
-    run(argv)
-    return 0
+    """Console entry point (jax-mamba-bench): exit status 1 when a row is above 100% of copy
+    (ruler_errors), else 0; run() returns the rows."""
+    return 1 if ruler_errors(run(argv)) else 0
 
 
 def run(argv=None):
@@ -454,18 +520,24 @@ def run(argv=None):
         if n > len(devices):
             raise SystemExit(f"--devices {n}: only {len(devices)} {device.platform} devices")
         mesh = Mesh(np.array(devices[:n]), ("m",))
-    copy, copy_t = copy_bandwidth(device, int(o.copy_mb * 2**20), o.calls, o.reps)
+    ceil = measure_ceiling(device, int(o.copy_mb * 2**20), o.calls, o.reps)
+    copy = ceil.gbs * 1e9
     header = {"device_kind": device.device_kind, "platform": device.platform,
               "jax_version": jax.__version__, "jaxlib_version": importlib.metadata.version("jaxlib"),
               "git_commit": git_commit(), "date": datetime.datetime.now(
                   datetime.timezone.utc).isoformat(timespec="seconds"),
-              "copy_gbs": copy / 1e9, "copy_mb": o.copy_mb, "copy_us": copy_t * 1e6,
+              "copy_gbs": ceil.gbs, "copy_method": ceil.method,
+              "copy_memcpy_gbs": ceil.memcpy_gbs, "copy_kernel_gbs": ceil.kernel_gbs,
+              "copy_mb": o.copy_mb, "copy_buffer_mb": ceil.buffer_mb, "copy_bytes": ceil.bytes,
+              "copy_us": ceil.seconds * 1e6, "copy_note": ceil.note,
               "calls": o.calls, "reps": o.reps, "cache_mb": o.cache_mb, "flush_mb": o.flush_mb}
     if o.shard:
         header.update(devices=n, shard=o.shard, mesh_device_kinds=[d.device_kind for d in
                                                                    devices[:n]])
-    print(f"device {device.device_kind} ({device.platform}); jax {jax.__version__}; copy "
-          f"{copy / 1e9:.0f} GB/s (jax_mamba_copy, {o.copy_mb:g} MiB, read + write)")
+    print(f"device {device.device_kind} ({device.platform}); jax {jax.__version__}; "
+          + describe_ceiling(ceil))
+    if ceil.note:
+        print(f"warning: ceiling: {ceil.note}")
     print(f"{'case':<28}{'impl':<10}{'algo':<11}{'us/call':>10}{'GB/s':>9}{'% copy':>8}"
           f"{'speedup':>9}" + (f"{'kernel us':>11}" if o.profile else "")
           + (f"{'layout':>12}{'vs 1':>8}{'kept':>6}" if o.shard else ""))
@@ -497,6 +569,7 @@ def run(argv=None):
                      "speedup": sp, "bytes_per_call": nbytes,
                      "chain_median_us": {f"K={k}": v * 1e6 for k, v in timed[impl][1].items()},
                      "kernel_us_per_call": ku,
+                     "copy_gbs": ceil.gbs * nd,
                      "cache_mb": c.cache_mb or o.cache_mb, "config": dataclasses.asdict(c)}
                 extra = ""
                 if o.shard:  # the layout columns (and keys) only when sharded rows are asked for
@@ -516,12 +589,28 @@ def run(argv=None):
                       + (f"{sp:>8.2f}x" if sp else f"{'-':>9}")
                       + (f"{ku:>11.2f}" if ku else (f"{'-':>11}" if o.profile else ""))
                       + extra, flush=True)
+    errors = ruler_errors(rows)
+    header["ruler_errors"] = errors
     if o.json:
         with open(o.json, "w") as f:
             json.dump({"header": header, "rows": rows}, f, indent=1)
     if o.plot:
         plot(rows, o.plot, header)
+    if errors:
+        sys.stdout.flush()
+        print("\n".join(errors), file=sys.stderr, flush=True)
     return rows
+
+
+def describe_ceiling(ceil: Ceiling):
+    """The ceiling's line: the one used, then every method measured."""
+    if ceil.kernel_gbs is None:
+        return (f"copy {ceil.gbs:.0f} GB/s (jax_mamba_copy memcpy chain, {ceil.buffer_mb:g} MiB, "
+                "read + write)")
+    used = "SM copy kernel" if ceil.method == "sm_kernel" else "cudaMemcpyAsync"
+    return (f"copy {ceil.gbs:.0f} GB/s = {used}, the faster of cudaMemcpyAsync "
+            f"{ceil.memcpy_gbs:.0f} GB/s and SM copy kernel {ceil.kernel_gbs:.0f} GB/s "
+            f"({ceil.buffer_mb:g} MiB, read + write, event-timed median)")
 
 
 if __name__ == "__main__":

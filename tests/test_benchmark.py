@@ -1,5 +1,8 @@
-"""The benchmark CLI on the CPU: copy target, argument checks, named cases, JSON, ncu parsing.
-Quick by design (tiny shapes, few reps); nothing here asserts a speed."""
+"""The benchmark CLI on the CPU: copy target, argument checks, --help texts, named cases, JSON,
+the ruler check (a row above 100% of copy is an error), ncu parsing; on a GPU, the ceiling
+(cudaMemcpyAsync and the SM copy kernel). Quick by design (tiny shapes, few reps); nothing here
+asserts a speed."""
+import argparse
 import dataclasses
 import json
 
@@ -10,7 +13,8 @@ import pytest
 
 import jax_mamba
 from jax_mamba import _bench_cases as bc
-from jax_mamba import _bench_ncu, benchmark
+from jax_mamba import _bench_ncu, _copy, benchmark
+from conftest import PLATFORMS
 
 CPU = jax.devices("cpu")[0]
 
@@ -90,10 +94,17 @@ def test_main_writes_json(tmp_path):
                          "--dim", "32", "--dstate", "64", "--calls", "4", "--reps", "3",
                          "--cache-mb", "16", "--copy-mb", "8", "--flush-mb", "1",
                          "--json", str(path)])
-    assert rc == 0
     d = json.loads(path.read_text())
     h = d["header"]
+    # exit status 1 exactly when a row is above 100% of copy (not expected here, but a loaded
+    # machine's noise can make a K/2K difference tiny; the flag and the status must agree)
+    assert h["ruler_errors"] == benchmark.ruler_errors(d["rows"])
+    assert rc == (1 if h["ruler_errors"] else 0), h["ruler_errors"]
     assert h["platform"] == "cpu" and h["copy_gbs"] > 0 and h["jax_version"] == jax.__version__
+    # the CPU ceiling: the FFI memcpy chain, no SM kernel
+    assert h["copy_method"] == "memcpy_chain" and h["copy_kernel_gbs"] is None
+    assert h["copy_memcpy_gbs"] == h["copy_gbs"] and h["copy_bytes"] == 2 * 8 * 2**20
+    assert h["copy_buffer_mb"] == h["copy_mb"] == 8 and h["copy_note"] is None
     assert {"device_kind", "git_commit", "date"} <= set(h)
     assert [r["impl"] for r in d["rows"]] == ["ffi", "reference"]
     for r in d["rows"]:
@@ -102,6 +113,9 @@ def test_main_writes_json(tmp_path):
         assert all(v > 0 for v in r["chain_median_us"].values()) and len(r["chain_median_us"]) == 2
         # None only when noise made t(2K) <= t(K) (a loaded machine); never zero or negative
         assert r["us_per_call"] is None or (r["us_per_call"] > 0 and r["gbs"] > 0)
+        assert r["copy_gbs"] == h["copy_gbs"]
+        assert r["pct_copy"] is None or r["pct_copy"] == pytest.approx(
+            100 * r["gbs"] / h["copy_gbs"])
     assert d["rows"][1]["speedup"] is None
     assert d["rows"][0]["speedup"] is None or d["rows"][0]["speedup"] > 0
 
@@ -238,3 +252,130 @@ def test_shard_problem():
     assert "intermediate" in benchmark.shard_problem(bc.CASES["mtp4-b64-bf16-inter"], "slots", 2)
     assert benchmark.shard_problem(bc.CASES["mtp4-b64-bf16-inter"], "heads", 2) is None
     assert "Mamba-1" in benchmark.shard_problem(bc.CASES["mamba1-b64-fp32"], "heads", 2)
+
+
+# --- the ruler: ceiling choice, ratio check, exit status -----------------------------------
+
+def test_ceiling_is_the_faster_method():
+    c = _copy.Ceiling.best_of(4000.0, 4200.0, 2 * 2**30, 1024.0)
+    assert (c.method, c.gbs, c.memcpy_gbs, c.kernel_gbs) == ("sm_kernel", 4200.0, 4000.0, 4200.0)
+    assert c.seconds == pytest.approx(2 * 2**30 / 4200e9)
+    c = _copy.Ceiling.best_of(4300.0, 4200.0, 2 * 2**30, 1024.0)
+    assert (c.method, c.gbs) == ("memcpy", 4300.0)
+    c = _copy.Ceiling.best_of(12.5, None, 2 * 2**20, 1.0, cpu=True)
+    assert (c.method, c.gbs, c.kernel_gbs) == ("memcpy_chain", 12.5, None)
+
+
+def test_cuda_ceiling_refuses_a_cpu_device():
+    with pytest.raises(ValueError, match="device must be a CUDA GPU, got platform 'cpu'"):
+        _copy.cuda_ceiling(CPU, 2**30)
+
+
+def _row(case, pct, **kw):
+    return {"case": case, "impl": "ffi", "pct_copy": pct, "copy_gbs": 4000.0, **kw}
+
+
+def test_ruler_errors_flags_every_row_above_100_percent():
+    rows = [_row("ok", 99.9), _row("edge", 100.0), _row("over", 100.1), _row("noisy", None),
+            _row("sharded", 150.0, shard="heads", devices=2), _row("way-over", 250.0)]
+    errors = benchmark.ruler_errors(rows)
+    assert len(errors) == 3, errors
+    for e, case in zip(errors, ["over", "sharded", "way-over"]):
+        assert e.startswith(f"ERROR: {case} ffi") and "above 100% of copy" in e, e
+        assert "the ruler is wrong" in e and "ceiling 4000 GB/s" in e, e
+    assert "100.1%" in errors[0] and "(heads x2)" in errors[1] and "250.0%" in errors[2]
+    assert benchmark.ruler_errors(rows[:2] + rows[3:4]) == []
+    assert benchmark.ruler_errors([_row("x", 90.0)], limit=80) != []
+
+
+@pytest.mark.parametrize("ceiling_gbs,expect_rc", [(1e-3, 1), (1e6, 0)])
+def test_cli_exits_nonzero_above_100_percent_and_still_prints_the_table(
+        ceiling_gbs, expect_rc, monkeypatch, tmp_path, capsys):
+    """run()'s rows, table, JSON and main's status with a fixed ceiling and a fixed per-call
+    time (nothing is timed): a ceiling far below the rows' GB/s makes every row an error."""
+    both = _copy.Ceiling.best_of(ceiling_gbs / 2, ceiling_gbs, 2 * 2**30, 1024.0)
+    monkeypatch.setattr(benchmark, "measure_ceiling", lambda *a: both)
+    monkeypatch.setattr(benchmark, "time_config",
+                        lambda impl, c, o, *a, **k: (1e-3, {"K=2": 1e-3, "K=4": 2e-3}, True))
+    path = tmp_path / "r.json"
+    rc = benchmark.main(["--platform", "cpu", "--batch", "2", "4", "--heads", "2", "--ngroups",
+                         "1", "--dim", "8", "--dstate", "16", "--json", str(path)])
+    out, err = capsys.readouterr()
+    assert rc == expect_rc
+    d = json.loads(path.read_text())
+    h, rows = d["header"], d["rows"]
+    assert (h["copy_gbs"], h["copy_method"]) == (ceiling_gbs, "sm_kernel")
+    assert (h["copy_memcpy_gbs"], h["copy_kernel_gbs"]) == (ceiling_gbs / 2, ceiling_gbs)
+    assert len(rows) == 4  # 2 batches x (ffi, reference): the table is complete either way
+    for r in rows:
+        assert r["pct_copy"] == pytest.approx(100 * r["bytes_per_call"] / 1e-3 / 1e9 / ceiling_gbs)
+        assert f"{r['case']:<28}{r['impl']:<10}" in out
+    # both methods named in the device line
+    assert "cudaMemcpyAsync" in out and "SM copy kernel" in out
+    if expect_rc:
+        assert len(h["ruler_errors"]) == 4 and h["ruler_errors"] == err.strip().splitlines()
+        assert all("the ruler is wrong" in e for e in h["ruler_errors"])
+    else:
+        assert h["ruler_errors"] == [] and "ERROR" not in out + err
+
+
+# --- --help ---------------------------------------------------------------------------------
+
+def test_every_option_has_a_help_text(capsys):
+    ap = benchmark.build_parser()
+    options = [a for a in ap._actions if a.option_strings and a.help != argparse.SUPPRESS]
+    assert {"--heads", "--dim", "--dstate", "--state-dtype", "--z", "--algorithm",
+            "--shard"} <= {s for a in options for s in a.option_strings}
+    for a in options:
+        assert a.help and len(a.help) > 10, a.option_strings
+        assert "see above" not in a.help, a.option_strings
+    with pytest.raises(SystemExit) as e:
+        benchmark.main(["--help"])
+    assert e.value.code == 0
+    out = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    for a in options:
+        assert a.option_strings[-1] in out
+        assert " ".join(a.help.split()) in out, a.option_strings
+    assert "SPEC" not in out and "docs/performance.md" in out
+
+
+# --- the GPU ceiling ----------------------------------------------------------------------
+
+gpu_only = pytest.mark.skipif("gpu" not in PLATFORMS, reason="needs a GPU and the CUDA module")
+
+
+@gpu_only
+def test_cuda_ceiling_measures_both_methods():
+    gpu = jax.devices("gpu")[0]
+    c = _copy.cuda_ceiling(gpu, 256 << 20, reps=5, warmup=2)
+    for v in (c.memcpy_gbs, c.kernel_gbs, c.gbs, c.seconds):
+        assert np.isfinite(v) and v > 0, c
+    assert c.bytes == 2 * (256 << 20) and c.buffer_mb == 256 and c.note is None, c
+    assert c.gbs == max(c.memcpy_gbs, c.kernel_gbs)
+    assert c.method == ("sm_kernel" if c.kernel_gbs > c.memcpy_gbs else "memcpy")
+    # two ways of streaming the same bytes through DRAM: within a factor of 2 of each other
+    assert 0.5 < c.kernel_gbs / c.memcpy_gbs < 2, c
+
+
+@gpu_only
+def test_cuda_ceiling_shrinks_what_does_not_fit_and_says_so():
+    gpu = jax.devices("gpu")[0]
+    c = _copy.cuda_ceiling(gpu, 1 << 40, reps=2, warmup=1)  # 2 x 1 TiB: on no card today
+    assert 256 <= c.buffer_mb < 2**20 and c.bytes == 2 * c.buffer_mb * 2**20, c
+    assert c.note and "2 x 1048576 MiB failed" in c.note and "instead" in c.note, c
+    assert np.isfinite(c.gbs) and c.gbs > 0
+    with pytest.raises(RuntimeError, match="out of device memory"):
+        _copy.cuda_ceiling(gpu, 1 << 40, reps=1, warmup=0, min_nbytes=1 << 40)
+
+
+@gpu_only
+def test_cli_on_the_gpu_is_within_its_ceiling(tmp_path):
+    path = tmp_path / "r.json"
+    rc = benchmark.main(["--platform", "gpu", "--case", "b64-bf16", "--impl", "ffi",
+                         "--calls", "8", "--reps", "5", "--cache-mb", "512", "--json", str(path)])
+    d = json.loads(path.read_text())
+    h = d["header"]
+    assert rc == 0, h["ruler_errors"]
+    assert h["copy_method"] in ("memcpy", "sm_kernel") and h["copy_mb"] == 1024
+    assert h["copy_memcpy_gbs"] > 0 and h["copy_kernel_gbs"] > 0
+    assert h["copy_gbs"] == max(h["copy_memcpy_gbs"], h["copy_kernel_gbs"])
