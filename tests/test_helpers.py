@@ -1,4 +1,4 @@
-"""Model-level helpers (SPEC §4 "Model level", issue #10 item 3): the causal-conv1d decode update,
+"""Model-level helpers (README "Model-level helpers", issue #10 item 3): the causal-conv1d decode update,
 the layer-stacked cache under lax.scan (zero copies, checked in the compiled HLO) and the
 speculative-decoding commits (SGLang and vLLM styles)."""
 import re
@@ -21,7 +21,7 @@ def _rand(rng, shape, dtype=jnp.float32, scale=1.0):
 def _same(a, b, device, exact=True):
     """Bit-exact on the CPU; the GPU's single-step and multi-step kernels may contract
     differently, so there a tight fp32 tolerance (also where matmuls of different batch
-    shapes feed the compared values: exact=False)."""
+    shapes feed the compared values: exact=False; those matmuls are full fp32, `_mm`)."""
     a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
     if device.platform == "cpu" and exact:
         np.testing.assert_array_equal(a, b)
@@ -187,6 +187,15 @@ L, S, H, P, N, G, b = 3, 12, 4, 8, 16, 2, 3
 CD, W = 72, 4   # CD >= H*P + G*N
 
 
+def _mm(a, w):
+    """The toy model's matmul, in full fp32. The default precision of an fp32 matmul on a
+    recent NVIDIA GPU is TF32 (10-bit mantissa inputs) for a matrix product, while a product
+    with a single row may run as an fp32 reduction: a verify pass over b*T tokens and the
+    one-token oracle then differ by ~1e-3 relative (issue 14: test_commit_layer_cache[gpu]
+    failed so, 8.8% of the states off by up to 1.4e-2)."""
+    return jnp.matmul(a, w, precision=jax.lax.Precision.HIGHEST)
+
+
 def _toy_ssm_inputs(u):
     """x, dt, B of the toy layer, sliced from the conv output u (..., CD)."""
     lead = u.shape[:-1]
@@ -199,7 +208,7 @@ def _layer_step(ssu, slots, write_intermediate=False):
     write_intermediate: the verify pass (T tokens, intermediates, no cache writes)."""
 
     def layer(h, p, view):
-        xin = h @ p["w_in"]                                   # (b, [T,] CD)
+        xin = _mm(h, p["w_in"])                               # (b, [T,] CD)
         u, view = view.causal_conv1d_update(xin, p["conv_w"], p["conv_b"], "silu",
                                             conv_state_indices=slots,
                                             disable_state_update=write_intermediate)
@@ -208,7 +217,7 @@ def _layer_step(ssu, slots, write_intermediate=False):
             x, dt, p["A"], B, B * 0.5, p["D"], dt_bias=p["dt_bias"], dt_softplus=True,
             state_batch_indices=slots, write_intermediate=write_intermediate, ssu=ssu,
             disable_state_update=write_intermediate)
-        h = h + y.reshape(x.shape[:-2] + (H * P,)) @ p["w_out"]
+        h = h + _mm(y.reshape(x.shape[:-2] + (H * P,)), p["w_out"])
         return h, view, (xin if write_intermediate else None)
 
     return layer
@@ -273,14 +282,14 @@ def test_scan_layers_matches_per_layer_caches(dtype, device):
         ssm, conv, scale = [], [], []
         for l in range(L):
             p = jax.tree.map(lambda a: a[l], params)
-            xin = hr @ p["w_in"]
+            xin = _mm(hr, p["w_in"])
             u, cs = causal_conv1d_update(c0.conv[l], xin, p["conv_w"], p["conv_b"], "silu", slots)
             x, dt, B = _toy_ssm_inputs(u)
             r = jax_mamba.selective_state_update(
                 c0.ssm[l], x, dt, p["A"], B, B * 0.5, p["D"], dt_bias=p["dt_bias"],
                 dt_softplus=True, state_batch_indices=slots,
                 state_scale=None if c0.ssm_scale is None else c0.ssm_scale[l])
-            hr = hr + r.out.reshape(b, H * P) @ p["w_out"]
+            hr = hr + _mm(r.out.reshape(b, H * P), p["w_out"])
             ssm, conv, scale = ssm + [r.state], conv + [cs], scale + [r.state_scale]
     # jit vs eager matmuls round differently: tolerance, not bits
     _same(h, hr, device, exact=False)
