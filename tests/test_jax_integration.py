@@ -1,4 +1,4 @@
-"""SPEC §4: autodiff raises a pointer to the reference; a jitted step exports and re-runs."""
+"""JAX integration: autodiff raises a pointer to the reference; a jitted step exports and re-runs."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -26,6 +26,22 @@ def test_hlo_is_the_bare_custom_call():
     assert hlo.count("custom-call") == 1 and "jvp" not in hlo
 
 
+def _export_platform(device):
+    """The platform name jax.export uses for `device`: concrete ("cpu", "cuda", "rocm"), not
+    the generic "gpu" that a CUDA device reports (Device.platform, jax.default_backend()). An
+    artifact exported for "gpu" is refused where the call lowers for "cuda" (seen with jax
+    0.11.2). The concrete name is the backend that lists the device (jax.devices(name))."""
+    if device.platform != "gpu":
+        return device.platform
+    for name in ("cuda", "rocm"):
+        try:
+            if device in jax.devices(name):
+                return name
+        except RuntimeError:   # no such backend here
+            pass
+    raise AssertionError(f"no concrete platform (cuda, rocm) lists device {device}")
+
+
 def test_export_roundtrip(device):
     """jax.export of a jitted step: the FFI target is not on JAX's stable list, so the caller
     allows it explicitly (DisabledSafetyCheck.custom_call("jax_mamba_ssu"))."""
@@ -35,8 +51,12 @@ def test_export_roundtrip(device):
     arrays, static = split_static(kw)
     arrays = jax.device_put(arrays, device)
     step = jax.jit(lambda a: jax_mamba.selective_state_update(**a, **static))
-    exp = export.export(step, platforms=[device.platform],
+    platform = _export_platform(device)
+    if device.platform == jax.default_backend():   # jax's own name for the default backend
+        assert platform == export.default_export_platform(), (platform, device.platform)
+    exp = export.export(step, platforms=[platform],
                         disabled_checks=[export.DisabledSafetyCheck.custom_call("jax_mamba_ssu")])(arrays)
+    assert exp.platforms == (platform,), exp.platforms
     again = export.deserialize(exp.serialize())
     got = again.call(arrays)
     want = step(arrays)
