@@ -1,5 +1,6 @@
-// CPU handler: the reference-speed implementation of SPEC §3 on ssu::Params.
-// One row (slot, head, p) at a time: decode, run the T steps in fp32, store per §3.1.
+// CPU handler: the reference-speed implementation of docs/semantics.md on ssu::Params.
+// One row (slot, head, p) at a time: decode, run the T steps in fp32, store (docs/semantics.md,
+// "One entry", "int16 state", "Stochastic rounding").
 #include <algorithm>
 #include <atomic>
 #include <cmath>
@@ -190,10 +191,10 @@ void run_item(const Params& p, const Entry& e, int64_t b, int64_t h) {
       if (p.has_z) y = silu_gate(y, ld<IT>(p.z, row * HP + hp));
       st_rn<IT>(p.out, row * HP + hp, y);
 
-      const int64_t d = state_write_slot(p, e, b, t);
-      if (d >= 0) store_row<ST>(p, p.state, p.state_scale, (d * HP + hp) * N, d * HP + hp,
-                                s.data(), uint32_t(t), 0);
-      if (e.ii >= 0 && t < p.CS) {
+      const StateWrite w = state_write(p, e, b, t);  // in [0, S) when on (e is valid)
+      if (w.on) store_row<ST>(p, p.state, p.state_scale, (w.index * HP + hp) * N,
+                              w.index * HP + hp, s.data(), uint32_t(t), 0);
+      if (e.to_inter && t < p.CS) {
         const int64_t blk = (e.ii * p.CS + t) * HP + hp;
         store_row<ST>(p, p.inter, p.inter_scales, blk * N, blk, s.data(), uint32_t(t), 1);
       }
@@ -231,12 +232,12 @@ std::vector<uint8_t> overlapping_sequences(const Params& p) {
     if (q.lo < q.hi) spans.emplace_back(q.lo, s);
   }
   std::sort(spans.begin(), spans.end());
-  int64_t reach = INT64_MIN;
+  int64_t reach = 0;  // furthest end of spans[0 .. i), for i > 0
   for (size_t i = 0; i < spans.size(); ++i) {
     const int64_t s = spans[i].second, end = hi[size_t(s)];
-    if (spans[i].first < reach) res[size_t(s)] = 1;
+    if (i > 0 && spans[i].first < reach) res[size_t(s)] = 1;
     if (i + 1 < spans.size() && spans[i + 1].first < end) res[size_t(s)] = 1;
-    reach = std::max(reach, end);
+    reach = i > 0 ? std::max(reach, end) : end;
   }
   return res;
 }

@@ -143,7 +143,7 @@ struct AliasCopies {
   int n = 0;
 };
 
-// SPEC §3.5 strategy names, as users pass them.
+// Strategy names, as users pass them (`algorithm`, README).
 inline int parse_algorithm(std::string_view s) {
   constexpr std::string_view names[] = {"auto", "simple", "vertical", "horizontal"};
   for (int i = 0; i < 4; ++i)

@@ -1,5 +1,11 @@
 // The canonical problem description both kernels run on, and the per-entry index logic
-// (read slot, validity, padding, write destinations) of SPEC §3.1-§3.2, shared by CPU and CUDA.
+// (read slot, validity, padding, write destinations; docs/semantics.md, "One entry" to
+// "Invalid runtime data"), shared by CPU and CUDA.
+//
+// Index values are caller data: every int32 / int64 value may arrive, so none of them is ever
+// given an internal meaning. Whether something happens (a pad, a write, an intermediate row)
+// is a flag decided from the value (== pad_slot_id, in range); the value itself is only used
+// once it is known to be a real, in-range index.
 #pragma once
 #include <cstdint>
 #include "ssu_math.h"
@@ -12,8 +18,8 @@ namespace ssu {
 //   src_idx (state_batch_indices), dst (dst_state_batch_indices): (nb) or (nb,K);
 //   state_scale f32 (S,H,P); inter (intermediate_states_buffer, I,CS,H,P,N) + inter_scales
 //   (I,CS,H,P); inter_idx (intermediate_state_indices), num_accepted (num_accepted_tokens): (nb);
-//   cu_seqlens (nb+1); seed (rand_seed) u32 (2). SPEC §3's names: an entry reads slot `src`,
-//   writes `dst`, and intermediate row `ii`.
+//   cu_seqlens (nb+1); seed (rand_seed) u32 (2). An entry reads slot `src`, writes `dst`, and
+//   intermediate row `ii`.
 // Absence is always an explicit flag, never a size: any size (0 included) is a real size.
 struct Params {
   int64_t S, H, P, N, G, nb, T, rows;  // T: steps per entry (0 in varlen)
@@ -46,34 +52,46 @@ SSU_HD int64_t load_index(const void* p, bool is64, int64_t i) {
 struct Entry {
   int64_t row0, len;       // first row of x/out and number of steps
   int64_t src;             // slot read (meaningless when padded)
-  int64_t ii;              // intermediate row written (-1: none)
+  int64_t ii;              // intermediate row written: in [0, I) when to_inter, else -1
   bool valid, padded;      // invalid: outputs NaN, nothing written; padded: reads zeros
   int64_t nan_lo, nan_hi;  // rows of out to fill with NaN when invalid
+  bool to_inter;           // writes intermediate row ii (valid entries only). Last, so that
+                           // an 8-value Entry{...} (the CUDA Ctx) still means the same.
 };
 
 SSU_HD bool slot_ok(int64_t v, int64_t n) { return v >= 0 && v < n; }
 
-constexpr int64_t kNoWrite = INT64_MIN;
+// A state write after one step: `on` says whether it happens; `index` is the value of the
+// index array (or the read slot) it names, any int64 (checked by resolve_entry, meaningful
+// only when `on`).
+struct StateWrite {
+  bool on;
+  int64_t index;
+};
 
-// Index array value naming the state slot written after step t, or kNoWrite.
-SSU_HD int64_t state_write_raw(const Params& p, const Entry& e, int64_t b, int64_t t) {
-  if (!p.update_state || e.padded) return kNoWrite;
+// The state write after step t of entry e (not padded, or nothing is written). A dst equal
+// to pad_slot_id is a skipped write (on = false): no index value means "no write" by itself.
+SSU_HD StateWrite state_write(const Params& p, const Entry& e, int64_t b, int64_t t) {
+  if (!p.update_state || e.padded) return StateWrite{false, 0};
   if (p.has_dst) {
-    if (p.dst_2d) return load_index(p.dst, p.idx64, b * p.K_dst + t);
-    return t == e.len - 1 ? load_index(p.dst, p.idx64, b) : kNoWrite;
+    if (!p.dst_2d && t != e.len - 1) return StateWrite{false, 0};
+    const int64_t d = load_index(p.dst, p.idx64, p.dst_2d ? b * p.K_dst + t : b);
+    return StateWrite{d != p.pad, d};
   }
-  return t == e.len - 1 ? e.src : kNoWrite;
+  return StateWrite{t == e.len - 1, e.src};
 }
 
-// Slot of `state` written after step t, -1 for none. Only for valid entries.
+// Slot of `state` written after step t of a valid entry, -1 for none. A valid entry's writes
+// are in [0, S) (resolve_entry checked them), so -1 is no slot: it stands only for
+// `!state_write(...).on`, never for an index value (the CUDA kernels test `>= 0`).
 SSU_HD int64_t state_write_slot(const Params& p, const Entry& e, int64_t b, int64_t t) {
-  int64_t d = state_write_raw(p, e, b, t);
-  return (d == kNoWrite || (p.has_dst && d == p.pad)) ? -1 : d;
+  const StateWrite w = state_write(p, e, b, t);
+  return w.on ? w.index : -1;
 }
 
 SSU_HD int64_t clamp_rows(int64_t r, int64_t rows) { return r < 0 ? 0 : (r > rows ? rows : r); }
 
-// Varlen (SPEC §3.2): sequence s spans cu[s] .. cu[s+1]. Its bounds are wrong when negative,
+// Varlen (docs/semantics.md, "Varlen bounds"): sequence s spans cu[s] .. cu[s+1]. Its bounds are wrong when negative,
 // decreasing or beyond the token count. The rows it owns are its span clipped to [0, rows),
 // none at all when cu decreases. Two sequences whose owned rows intersect are both invalid, so
 // a valid sequence owns its rows alone and an invalid one may write NaN over all of its own.
@@ -118,7 +136,7 @@ SSU_HD bool row_owned(const Params& p, int64_t r) {
 // `overlapped`: varlen only, seq_overlaps over all sequences (computed by the caller, which
 // can share the work).
 SSU_HD Entry resolve_entry(const Params& p, int64_t b, bool overlapped = false) {
-  Entry e{0, 0, 0, -1, true, false, 0, 0};
+  Entry e{0, 0, 0, -1, true, false, 0, 0, false};
   if (p.varlen) {
     const SeqSpan q = seq_span(p, b);
     if (!q.bounds_ok || overlapped) {  // NaN over the rows it owns (none when decreasing)
@@ -152,17 +170,22 @@ SSU_HD Entry resolve_entry(const Params& p, int64_t b, bool overlapped = false) 
     e.src = b;
   }
   if (ok && !e.padded && p.has_inter) {
-    int64_t ii = p.has_inter_idx ? load_index(p.inter_idx, p.idx64, b) : b;
-    if (p.has_inter_idx && ii == p.pad) ii = -1;
-    else ok = slot_ok(ii, p.I);
-    e.ii = ii;
+    // without intermediate_state_indices the row is the entry number (never a pad)
+    const int64_t ii = p.has_inter_idx ? load_index(p.inter_idx, p.idx64, b) : b;
+    const bool skip = p.has_inter_idx && ii == p.pad;
+    ok = skip || slot_ok(ii, p.I);
+    if (ok && !skip) {
+      e.to_inter = true;
+      e.ii = ii;
+    }
   }
   for (int64_t t = 0; ok && p.has_dst && t < e.len; ++t) {
-    int64_t d = state_write_raw(p, e, b, t);
-    ok = d == kNoWrite || d == p.pad || slot_ok(d, p.S);
+    const StateWrite w = state_write(p, e, b, t);
+    ok = !w.on || slot_ok(w.index, p.S);
   }
   if (!ok) {
     e.valid = false;
+    e.to_inter = false;
     e.ii = -1;
     e.nan_lo = clamp_rows(e.row0, p.rows);
     e.nan_hi = clamp_rows(e.row0 + e.len, p.rows);

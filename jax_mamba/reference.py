@@ -1,5 +1,5 @@
-"""Pure-jnp selective_state_update with the semantics of SPEC §3: the test oracle and a
-portable fallback (TPU, debugging). Same signature and result as jax_mamba.selective_state_update;
+"""Pure-jnp selective_state_update with the semantics of docs/semantics.md: the test oracle
+and a portable fallback (TPU, debugging). Same signature and result as jax_mamba.selective_state_update;
 it runs on any backend and under jit, but materialises per-step temporaries (it is not fast)."""
 from __future__ import annotations
 
@@ -88,9 +88,10 @@ def _encode(pb: Problem, s, elem0, t, kind):
 
 
 def _resolve(pb: Problem):
-    """Vectorised ssu::resolve_entry: per entry (row0, len, src, padded, ii, ok, ...) and, in
-    `faults`, one boolean array per kind of invalid runtime data (jax_mamba.checked reports
-    them)."""
+    """Vectorised ssu::resolve_entry: per entry (row0, len, src, padded, ii, to_inter, ok, ...)
+    and, in `faults`, one boolean array per kind of invalid runtime data (jax_mamba.checked
+    reports them). Index values are caller data (any value of their dtype): what happens is
+    decided by flags (padded, to_inter, ok), never by giving some index value a meaning."""
     nb, S, pad = pb.nb, pb.S, pb.settings.pad_slot_id
     rows = pb.x.shape[0] * (pb.T if pb.mode != "varlen" else 1)
     b = jnp.arange(nb)
@@ -99,7 +100,8 @@ def _resolve(pb: Problem):
     if pb.mode == "varlen":
         cu = pb.cu_seqlens.astype(jnp.int64 if pb.cu_seqlens.dtype == jnp.int64 else jnp.int32)
         a, z = cu[:-1], cu[1:]
-        # rows each sequence owns; sequences whose owned rows meet are both invalid (SPEC §3.2)
+        # rows each sequence owns; sequences whose owned rows meet are both invalid
+        # (docs/semantics.md, "Varlen bounds")
         lo = jnp.clip(a, 0, rows)
         hi = jnp.where(z >= a, jnp.clip(z, 0, rows), lo)
         full = lo < hi
@@ -125,24 +127,27 @@ def _resolve(pb: Problem):
         K = pb.state_batch_indices.shape[1] if pb.state_batch_indices.ndim == 2 else 1
         col = jnp.zeros((nb,), jnp.int32)
         if pb.num_accepted_tokens is not None:
-            faults["num_accepted_tokens outside [0, K]"] = ~((pb.num_accepted_tokens >= 0) & (pb.num_accepted_tokens <= K))
-            col = jnp.maximum(pb.num_accepted_tokens - 1, 0).astype(jnp.int32)
+            na = pb.num_accepted_tokens
+            faults["num_accepted_tokens outside [0, K]"] = ~((na >= 0) & (na <= K))
+            # column na - 1 (0 when na <= 1), formed without overflow for any value (an
+            # entry with na outside [0, K] is invalid: its column is never used)
+            col = jnp.clip(jnp.where(na > 1, na, 1), 1, K) - 1
         table = pb.state_batch_indices.reshape(nb, K)
-        v = jnp.take_along_axis(table, jnp.clip(col, 0, K - 1)[:, None], axis=1)[:, 0]
+        v = jnp.take_along_axis(table, col.astype(jnp.int32)[:, None], axis=1)[:, 0]
         padded = v == pad
         faults["state_batch_indices: slot outside [0, S) and not pad_slot_id"] = ~(
             padded | ((v >= 0) & (v < S)))
         src = v
-    ii = jnp.full((nb,), -1)
+    ii, to_inter = b, jnp.zeros((nb,), bool)  # the row written is ii where to_inter
     if pb.intermediate_states_buffer is not None:
         I = pb.intermediate_states_buffer.shape[0]
         cand = pb.intermediate_state_indices if pb.intermediate_state_indices is not None else b
         skip = (cand == pad) if pb.intermediate_state_indices is not None else jnp.zeros((nb,), bool)
         faults["intermediate_state_indices: row outside [0, I) and not pad_slot_id"] = ~(
             padded | skip | ((cand >= 0) & (cand < I)))
-        ii = jnp.where(padded | skip, -1, cand)
-    e = dict(row0=row0, len=length, src=src, padded=padded, ii=ii, ok_bounds=ok_bounds,
-             bad_lo=bad_lo, bad_hi=bad_hi, rows=rows)
+        ii, to_inter = cand, ~(padded | skip)
+    e = dict(row0=row0, len=length, src=src, padded=padded, ii=ii, to_inter=to_inter,
+             ok_bounds=ok_bounds, bad_lo=bad_lo, bad_hi=bad_hi, rows=rows)
     if pb.dst_state_batch_indices is not None and not pb.settings.disable_state_update:
         faults["dst_state_batch_indices: slot outside [0, S) and not pad_slot_id"] = _dst_bad(pb, e)
     # a zero-length sequence reads and writes nothing, so nothing about it is checked
@@ -261,7 +266,7 @@ def _run(pb: Problem):
             scale = scale.at[slot].set(sc, mode="drop")
         if inter is not None:
             I, CS = inter.shape[:2]
-            irow = jnp.where(active & (e["ii"] >= 0), e["ii"], I)
+            irow = jnp.where(active & e["to_inter"], e["ii"], I)  # I: dropped
             flat = irow * CS + t
             elem0 = ((flat[:, None, None] * H + jnp.arange(H)[:, None]) * P + jnp.arange(P)) * N
             vals, sc = _encode(pb, s, elem0, t, 1)
