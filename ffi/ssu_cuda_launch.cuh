@@ -5,6 +5,7 @@
 #include <atomic>
 #include <type_traits>
 
+#include "ssu_cuda_fast.cuh"
 #include "ssu_cuda_generic.cuh"
 #include "ssu_cuda_horizontal.cuh"
 #include "ssu_cuda_simple.cuh"
@@ -59,10 +60,66 @@ cudaError_t launch_rows(const Params& p, const Plan& pl, dim3 grid, dim3 block,
   }
 }
 
+// The fast path: grid (row chunks, heads, entries); the instantiation for the call's dstate,
+// rows per thread and parameter layout; programmatic dependent launch when the plan asks.
+template <DType ST, DType IT, int N, int KV, bool ELEM>
+cudaError_t launch_fast_kernel(const Params& p, const Plan& pl, cudaStream_t stream) {
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = dim3(unsigned(pl.l.chunks), unsigned(p.H), unsigned(p.nb));
+  cfg.blockDim = dim3(unsigned(pl.threads));
+  cfg.dynamicSmemBytes = 0;
+  cfg.stream = stream;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = pl.pdl ? 1 : 0;
+  return cudaLaunchKernelEx(&cfg, ssu_fast<ST, IT, N, KV, ELEM>, p, pl.l);
+}
+
+template <DType ST, DType IT, int N>
+cudaError_t launch_fast_n(const Params& p, const Plan& pl, cudaStream_t stream) {
+  const bool elem = p.dt_elem || p.A_elem || p.D_elem || p.bias_elem;
+  if (elem) {
+    if constexpr (fast_elem_dstate(N)) {
+      switch (pl.nv) {
+        case 1: return launch_fast_kernel<ST, IT, N, 1, true>(p, pl, stream);
+        case 2: return launch_fast_kernel<ST, IT, N, 2, true>(p, pl, stream);
+        case 4: return launch_fast_kernel<ST, IT, N, 4, true>(p, pl, stream);
+        default: return cudaErrorInvalidConfiguration;
+      }
+    }
+    return cudaErrorInvalidConfiguration;
+  }
+  switch (pl.nv) {
+    case 1: return launch_fast_kernel<ST, IT, N, 1, false>(p, pl, stream);
+    case 2: return launch_fast_kernel<ST, IT, N, 2, false>(p, pl, stream);
+    case 4: return launch_fast_kernel<ST, IT, N, 4, false>(p, pl, stream);
+    default: return cudaErrorInvalidConfiguration;
+  }
+}
+
+template <DType ST, DType IT>
+cudaError_t launch_fast(const Params& p, const Plan& pl, cudaStream_t stream) {
+  if constexpr (ST == DType::I16) {
+    return cudaErrorInvalidConfiguration;  // never planned (int16 states take the other kernels)
+  } else {
+    switch (p.N) {
+      case 16: return launch_fast_n<ST, IT, 16>(p, pl, stream);
+      case 32: return launch_fast_n<ST, IT, 32>(p, pl, stream);
+      case 64: return launch_fast_n<ST, IT, 64>(p, pl, stream);
+      case 128: return launch_fast_n<ST, IT, 128>(p, pl, stream);
+      case 256: return launch_fast_n<ST, IT, 256>(p, pl, stream);
+      default: return cudaErrorInvalidConfiguration;
+    }
+  }
+}
+
 template <DType ST, DType IT>
 cudaError_t launch_input(const Params& p, const Plan& pl, cudaStream_t stream) {
   const int64_t blocks = pl.l.main_blocks + pl.l.zero_blocks;
   const dim3 grid(static_cast<unsigned>(blocks)), block(static_cast<unsigned>(pl.threads));
+  if (pl.kernel == Kernel::kFast) return launch_fast<ST, IT>(p, pl, stream);
   if (pl.kernel == Kernel::kVertical) return launch_vert<ST, IT>(p, pl, grid, block, stream);
   if (pl.kernel == Kernel::kSimpleStep1) {
     switch (pl.nv) {

@@ -31,6 +31,93 @@ int log2i(int v) {
   return s;
 }
 
+int env_int(const char* name) {
+  const char* e = std::getenv(name);
+  return e ? std::atoi(e) : 0;
+}
+
+// Fast-path switches (debug / tuning), read once per process: JAX_MAMBA_CUDA_FAST=0 sends
+// everything to the other kernels; JAX_MAMBA_CUDA_PDL=1 launches the fast path with
+// programmatic dependent launch; JAX_MAMBA_CUDA_THREADS=32..256 its CTA size.
+bool fast_enabled() {
+  static const bool v = [] {
+    const char* e = std::getenv("JAX_MAMBA_CUDA_FAST");
+    return !(e && e[0] == '0');
+  }();
+  return v;
+}
+bool pdl_enabled() {
+  static const bool v = env_int("JAX_MAMBA_CUDA_PDL") > 0;
+  return v;
+}
+int threads_override() {
+  static const int v = env_int("JAX_MAMBA_CUDA_THREADS");
+  return v;
+}
+
+// Divisor d -> (mul, shr) with n / d == umulhi(n, mul) >> shr for 0 <= n < 2^31 (round-up
+// reciprocal, p = 31 + ceil(log2 d)); mul 0 stands for d == 1.
+void fast_divisor(int64_t d, uint32_t* mul, int* shr) {
+  if (d <= 1) {
+    *mul = 0;
+    *shr = 0;
+    return;
+  }
+  int lg = 0;
+  while ((int64_t(1) << lg) < d) ++lg;
+  const int pw = 31 + lg;
+  *mul = uint32_t(((uint64_t(1) << pw) + uint64_t(d) - 1) / uint64_t(d));
+  *shr = pw - 32;
+}
+
+// The fast path (ssu_fast, ssu_cuda_fast.cuh) for p, when it covers p: one step per entry, no
+// varlen, 1-D or no indices, no intermediate buffer, no num_accepted_tokens, float states
+// without stochastic rounding, a dstate it is instantiated for, and sizes whose offsets fit
+// its 32-bit arithmetic and grid (entries and heads on the grid's y / z axes).
+bool fast_plan(const Params& p, const DeviceInfo& di, Plan* pl) {
+  if (!fast_enabled()) return false;
+  if (p.varlen || p.T != 1 || p.nb < 1) return false;
+  if (p.state_t == DType::I16) return false;
+  if (p.has_seed && p.state_t != DType::F32) return false;  // stochastic rounding
+  if (p.has_inter || p.src_2d || p.dst_2d || p.has_num_accepted) return false;
+  if (p.has_cache_steps && p.cache_steps < 1) return false;
+  const int64_t H = p.H, P = p.P, N = p.N, G = p.G > 0 ? p.G : 1;
+  if (!fast_dstate(N)) return false;
+  const bool elem = p.dt_elem || p.A_elem || p.D_elem || p.bias_elem;
+  if (elem && !fast_elem_dstate(N)) return false;
+  constexpr int64_t kMax = int64_t(INT32_MAX);
+  if (p.nb > 65535 || H > 65535 || H * P * N >= kMax || p.nb * H * P >= kMax ||
+      p.nb * G * N >= kMax)
+    return false;
+  const int E = p.state_t == DType::F32 ? 4 : 8;
+  const int64_t vpr = N / E, lpr = std::min<int64_t>(vpr, 32), vpl = vpr / lpr;
+  // Threads: 128 (measured within +-1 us of 256), fewer where a CTA's row groups outnumber P.
+  int threads = 128;
+  if (threads_override() >= 32) threads = std::min(256, pow2_ceil(threads_override()));
+  while (threads > 32 && threads / lpr / 2 >= P) threads /= 2;
+  threads = std::max<int>(threads, int(std::min<int64_t>(lpr, 32)));
+  threads = (threads + 31) / 32 * 32;
+  const int64_t groups = threads / lpr;
+  // Rows per thread: 2 when a row is one vector per lane (32 bytes in flight per thread), 1
+  // for two or more; 1 at small batch, where more CTAs beat more bytes per thread (the call
+  // is latency-bound), and never more rows than the head has.
+  int kv = vpl >= 2 ? 1 : 2;
+  if (p.nb * H * ceil_div(P, groups * kv) < 4 * int64_t(di.sms)) kv = 1;
+  if (rows_override() > 0) kv = std::min(4, pow2_ceil(rows_override()));
+  while (kv > 1 && groups * (kv / 2) >= P) kv /= 2;
+  pl->kernel = Kernel::kFast;
+  pl->nv = kv;
+  pl->threads = threads;
+  pl->smem = 0;
+  pl->pdl = pdl_enabled();
+  Launch& l = pl->l;
+  l.lshift = log2i(int(lpr));
+  l.R = kv;
+  l.rows_cta = int(groups) * kv;
+  fast_divisor(H / G, &l.g_mul, &l.g_shr);
+  return true;
+}
+
 }  // namespace
 
 // Register-row kernels (ssu_simple, ssu_horizontal: ssu_cuda_simple.cuh): needs N % E == 0 and N <= 1024, E = 16 / sizeof(state) (4 for
@@ -71,6 +158,7 @@ bool make_plan(const Params& p, int64_t algorithm, const DeviceInfo& di, Plan* p
   const int64_t nvec = vec ? N / E : 0;
 
   Launch& l = pl->l;
+  l = Launch{};
   if (algorithm == kVertical) {
     if (!(N > 0 && N % E == 0 && N <= 256)) {
       *why = "algorithm: 'vertical' expected dstate to be a multiple of " + std::to_string(E) +
@@ -122,6 +210,8 @@ bool make_plan(const Params& p, int64_t algorithm, const DeviceInfo& di, Plan* p
     l.tile_rows = tile;
     l.bc_steps = int(bc_steps);
     l.rows_cta = int(std::min<int64_t>(k * tile, P));
+  } else if ((algorithm == kAuto || algorithm == kSimple) && fast_plan(p, di, pl)) {
+    // planned above (fast_plan); chunks and grid below
   } else if (algorithm != kHorizontal && !p.varlen && p.T == 1 && vec && nvec <= 32 &&
              (nvec & (nvec - 1)) == 0 && p.nb * H >= 6 * int64_t(di.sms)) {
     // Single-step kernel (persistent, ssu_simple_step1, ssu_cuda_simple_step1.cuh): a row is VPR = nvec vectors, one
@@ -227,6 +317,7 @@ const char* kernel_name(Kernel k) {
     case Kernel::kGeneric: return "ssu_generic";
     case Kernel::kVertical: return "ssu_vertical";
     case Kernel::kSimpleStep1: return "ssu_simple_step1";
+    case Kernel::kFast: return "ssu_fast";
     default: return "none";
   }
 }

@@ -27,6 +27,8 @@ struct Launch {
   int bc_steps;          // vertical kernel: most steps whose B/C are staged in shared memory
   int heads_item;        // single-step kernel: heads per work item (item = entry x head chunk)
   int batches_head;      // single-step kernel: batches of rows_cta rows per head
+  uint32_t g_mul;        // fast path: h / (H / G) = umulhi(h, g_mul) >> g_shr (g_mul 0: H == G)
+  int g_shr;
 };
 
 // Most rows one lane group of the register kernel carries at once, for V fp32 state values
@@ -35,8 +37,15 @@ constexpr int rows_per_lane(int V) { return V <= 4 ? 4 : (V <= 8 ? 2 : 1); }
 
 // One kernel per strategy (ssu_cuda_<strategy>.cuh), named as users name the strategy.
 enum class Kernel : int {
-  kNone = 0, kSimple = 1, kHorizontal = 2, kGeneric = 3, kVertical = 4, kSimpleStep1 = 5
+  kNone = 0, kSimple = 1, kHorizontal = 2, kGeneric = 3, kVertical = 4, kSimpleStep1 = 5,
+  kFast = 6
 };
+
+// The fast path (ssu_cuda_fast.cuh): the dstates it is instantiated for, and its rows per
+// thread (KV, a template parameter: 1, 2 or 4).
+constexpr bool fast_dstate(int64_t N) { return N == 16 || N == 32 || N == 64 || N == 128 || N == 256; }
+// Per-element parameters (Mamba-1) are instantiated for these dstates only.
+constexpr bool fast_elem_dstate(int64_t N) { return N == 16; }
 
 // Vertical kernel (ssu_cuda_vertical.cuh): shared-memory ring depth, most threads per CTA, and
 // the bytes of one stage of `tile_rows` state rows of N elements (128-byte aligned stages).
@@ -53,6 +62,7 @@ struct Plan {
   int threads = 0;
   size_t smem = 0;       // dynamic shared memory (generic / vertical kernels)
   bool persistent = false;  // grid = resident CTAs, each looping over l.main_blocks items
+  bool pdl = false;      // fast path: launched with programmatic stream serialization
   int sms = 0;           // multiprocessors of the device (persistent grids)
   Launch l{};
 };

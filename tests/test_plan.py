@@ -1,5 +1,5 @@
 """The CUDA planner (ffi/ssu_plan.cc) as pure host functions, through the CPU module: which
-kernel runs a problem, and which explicit strategies are refused and why (SPEC §3.5)."""
+kernel runs a problem, and which explicit strategies are refused and why (docs/semantics.md, `algorithm`)."""
 import pytest
 
 from jax_mamba import _cpu
@@ -17,18 +17,27 @@ def plan(algorithm="auto", S=64, H=80, P=64, N=128, nb=64, T=1, rows=None, dtype
 
 
 @pytest.mark.parametrize("kw,kernel", [
-    (dict(), "ssu_simple_step1"),                           # SPEC §5 decode row: persistent STP kernel
-    (dict(nb=1), "ssu_simple"),                         # too few (entry, head) pairs to persist
+    (dict(), "ssu_fast"),                               # the decode row: the fast path
+    (dict(nb=1), "ssu_fast"),                           # small batch too (latency-bound)
+    (dict(N=48), "ssu_simple_step1"),                   # a dstate the fast path is not built for
+    (dict(N=48, nb=1), "ssu_simple"),                   # ... and too few (entry, head) pairs
+    (dict(dtype="int16"), "ssu_simple_step1"),          # int16 states: not on the fast path
+    (dict(inter=(64, 1)), "ssu_simple_step1"),          # an intermediate buffer: neither
+    (dict(cache_steps=1), "ssu_fast"),                  # a cache_steps limit the step fits in
     (dict(T=4), "ssu_simple"),                          # MTP
     (dict(varlen=True, nb=8, T=0, rows=20), "ssu_simple"),
     (dict(N=12), "ssu_generic"),                     # not whole 16-byte vectors
     (dict(N=2048), "ssu_generic"),                   # more than a warp of vectors
-    (dict(algorithm="simple"), "ssu_simple_step1"),
+    (dict(algorithm="simple"), "ssu_fast"),
     (dict(algorithm="horizontal"), "ssu_horizontal"),       # per-thread columns: never the STP kernel
     (dict(algorithm="vertical"), "ssu_vertical"),
     (dict(nb=0), "none"),                            # empty batch: nothing to launch
     (dict(varlen=True, nb=0, T=0, rows=5), "ssu_simple"),  # no sequences, yet rows to zero
-    (dict(dtype="float32", N=16), "ssu_simple_step1"),
+    (dict(dtype="float32", N=16), "ssu_fast"),
+    *((dict(N=n, dtype=d), "ssu_fast") for n in (16, 32, 64, 128, 256)
+      for d in ("float32", "bfloat16", "float16")),
+    (dict(nb=70000, S=70000), "ssu_simple_step1"),      # more entries than the grid's z axis
+    (dict(H=70000, P=1, N=16), "ssu_simple_step1"),     # more heads than its y axis
 ])
 def test_kernel_choice(kw, kernel):
     assert plan(**kw) == (kernel, "")

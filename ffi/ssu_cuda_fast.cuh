@@ -1,0 +1,260 @@
+// The fast path: single-token steps (STP, and MTP with T = 1) specialised at compile time.
+//
+// ssu_fast<ST, IT, N, KV, ELEM>: state dtype, input dtype, dstate N, rows per thread KV and
+// per-element parameters (Mamba-1 style A (H,P,N), dt / D / dt_bias per (H,P)) are template
+// parameters, so the inner loop's bounds, vectors per row and the shuffle reduction's width are
+// constants. What a call switches besides (index width, dst given, D, dt_bias, softplus, z, the
+// dt/D/dt_bias dtype) costs one uniform branch per thread, outside the per-element loop.
+//
+// Layout: a state row (slot, head, p) is VPR = N * sizeof(state) / 16 16-byte vectors; a group
+// of LPR = min(VPR, 32) consecutive lanes covers a row, lane l owning vectors l, l + LPR, ...
+// (VPL per row), so its slices of B and C are loaded once, as fp32. A CTA is one (column block
+// x = row chunk, y = head, z = entry): the entry's slot, validity, dt, dA and the lane's B / C
+// are resolved once per thread from the same addresses (one transaction per warp); no shared
+// memory and no barrier. A thread owns KV rows p0 + k * groups: it issues all KV * VPL
+// streaming 16-byte state loads before using any, then x; per row: update, dot with C,
+// streaming store; the row's lanes reduce with log2(LPR) shuffles; lane 0 writes out.
+// Offsets inside a slot are 32-bit (H*P*N < 2^31, checked by the planner), the slot base 64-bit.
+//
+// The entry's resolution is resolve_entry (ssu_params.h) restricted to what the planner sends
+// here (one step, 1-D or no indices, no intermediate buffer, no num_accepted_tokens, no
+// cache_steps limit below 1): a padded entry reads zeros and writes no state; an out-of-range
+// read or write slot makes the entry invalid (NaN out, nothing written).
+//
+// Programmatic dependent launch: griddepcontrol.wait precedes every global access (dt, B, C, x
+// and even the indices and A may come from the kernel before), launch_dependents follows it;
+// both are no-ops unless the launch carries the programmatic-serialization attribute
+// (ssu_cuda_launch.cuh, JAX_MAMBA_CUDA_PDL).
+#pragma once
+#include "ssu_cuda_row.cuh"
+
+namespace ssu {
+namespace cuda {
+
+// fp32 values of one 16-byte state vector -> its stored words (round to nearest even).
+template <DType ST>
+__device__ __forceinline__ uint4 pack_state(const float* v) {
+  if constexpr (ST == DType::F32) {
+    return make_uint4(__float_as_uint(v[0]), __float_as_uint(v[1]), __float_as_uint(v[2]),
+                      __float_as_uint(v[3]));
+  } else {
+    uint32_t w[4];
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      if constexpr (ST == DType::BF16) {
+        const __nv_bfloat162 h = __floats2bfloat162_rn(v[2 * j], v[2 * j + 1]);
+        w[j] = *reinterpret_cast<const uint32_t*>(&h);
+      } else {
+        const __half2 h = __floats2half2_rn(v[2 * j], v[2 * j + 1]);
+        w[j] = *reinterpret_cast<const uint32_t*>(&h);
+      }
+    }
+    return make_uint4(w[0], w[1], w[2], w[3]);
+  }
+}
+
+__device__ __forceinline__ void grid_dependency_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void grid_dependents_launch() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+
+// Compile-time shape of a fast-path row.
+template <DType ST, int N>
+struct FastRow {
+  static constexpr int E = 16 / int(sizeof(typename Stor<ST>::type));  // elements per vector
+  static constexpr int VPR = N / E;                                      // vectors per row
+  static constexpr int LPR = VPR < 32 ? VPR : 32;                        // lanes per row
+  static constexpr int VPL = VPR / LPR;                                  // vectors per lane
+  static_assert(N % E == 0 && VPR >= 1 && (VPR & (VPR - 1)) == 0, "dstate: 16-byte vectors");
+};
+
+// dt / D / dt_bias bits (dtype known at run time): loaded now, converted after every other
+// load is in flight (a load whose value is converted at once would stall the next one).
+__device__ __forceinline__ uint32_t ld_w_raw(const void* base, DType t, int i) {
+  return t == DType::F32 ? __ldg(static_cast<const uint32_t*>(base) + i)
+                         : uint32_t(__ldg(static_cast<const unsigned short*>(base) + i));
+}
+__device__ __forceinline__ float w_value(uint32_t w, DType t) {
+  if (t == DType::F32) return __uint_as_float(w);
+  if (t == DType::BF16) return __uint_as_float(w << 16);
+  return __half2float(__ushort_as_half((unsigned short)w));
+}
+
+template <DType ST, DType IT, int N, int KV, bool ELEM>
+__global__ void __launch_bounds__(256) ssu_fast(const Params p, const Launch l) {
+  using SW = typename Stor<ST>::type;
+  using R = FastRow<ST, N>;
+  constexpr int E = R::E, LPR = R::LPR, VPL = R::VPL;
+  const int tid = int(threadIdx.x);
+  const int lane = tid % LPR;
+  const int groups = int(blockDim.x) / LPR;
+  const int h = int(blockIdx.y), b = int(blockIdx.z);
+  const int H = int(p.H), P = int(p.P);
+  const int p0 = int(blockIdx.x) * l.rows_cta + tid / LPR;  // row k of this thread: p0 + k*groups
+  const int xb = (b * H + h) * P;                           // out / x / z offset of (b, h, 0)
+  const DType pt = p.param_t;
+  auto row = [&](int k) { return p0 + k * groups; };
+  auto on = [&](int k) { return row(k) < P; };               // uniform over a row's lanes
+
+  grid_dependency_wait();
+  grid_dependents_launch();
+
+  // ---- every load that needs no slot, issued before any value is used ----
+  const int64_t vsrc = p.has_src_idx ? load_index(p.src_idx, p.idx64, b) : int64_t(b);
+  const int64_t vdst = p.has_dst && p.update_state ? load_index(p.dst, p.idx64, b) : 0;
+  const bool per_row_dt = ELEM && (p.dt_elem || p.bias_elem);
+  const uint32_t w_dt = per_row_dt ? 0u : ld_w_raw(p.dt, pt, b * H + h);
+  const bool bias_h_on = p.has_dt_bias && !(ELEM && p.bias_elem);
+  const uint32_t w_bias = bias_h_on ? ld_w_raw(p.dt_bias, pt, h) : 0u;
+  const bool D_h_on = p.has_D && !(ELEM && p.D_elem);
+  const uint32_t w_D = D_h_on ? ld_w_raw(p.D, pt, h) : 0u;
+  const float A_h = ELEM && p.A_elem ? 0.f : __ldg(p.A + h);
+  const int g = l.g_mul ? int(__umulhi(unsigned(h), l.g_mul) >> l.g_shr) : h;  // h / (H / G)
+  float Bf[VPL][E], Cf[VPL][E];
+  {
+    const int bc = (b * int(p.G) + g) * N + lane * E;
+#pragma unroll
+    for (int j = 0; j < VPL; ++j) {
+      ld_in_vec<IT, E>(p.B, bc + j * LPR * E, Bf[j]);
+      ld_in_vec<IT, E>(p.C, bc + j * LPR * E, Cf[j]);
+    }
+  }
+  float xf[KV], zf[KV];
+#pragma unroll
+  for (int k = 0; k < KV; ++k) {
+    xf[k] = on(k) ? ld_scalar<IT>(p.x, xb + row(k)) : 0.f;
+    zf[k] = p.has_z && lane == 0 && on(k) ? ld_scalar<IT>(p.z, xb + row(k)) : 0.f;
+  }
+  // per-element parameters (Mamba-1): this thread's rows' dt, dt_bias, D and A slices
+  uint32_t w_dtr[ELEM ? KV : 1], w_biasr[ELEM ? KV : 1], w_Dr[ELEM ? KV : 1];
+  float4 Ar[ELEM ? KV : 1][ELEM ? VPL * E / 4 : 1];
+  if constexpr (ELEM) {
+#pragma unroll
+    for (int k = 0; k < KV; ++k) {
+      const int hp = h * P + (on(k) ? row(k) : 0);
+      w_dtr[k] = per_row_dt ? ld_w_raw(p.dt, pt, p.dt_elem ? xb + (on(k) ? row(k) : 0) : b * H + h) : 0u;
+      w_biasr[k] = p.has_dt_bias && p.bias_elem ? ld_w_raw(p.dt_bias, pt, hp) : 0u;
+      w_Dr[k] = p.has_D && p.D_elem && lane == 0 ? ld_w_raw(p.D, pt, hp) : 0u;
+#pragma unroll
+      for (int j = 0; j < VPL; ++j)
+#pragma unroll
+        for (int q = 0; q < E / 4; ++q)
+          Ar[k][j * (E / 4) + q] =
+              p.A_elem ? __ldg(reinterpret_cast<const float4*>(p.A + (int64_t(hp) * N + (lane + j * LPR) * E)) + q)
+                       : make_float4(0.f, 0.f, 0.f, 0.f);
+    }
+  }
+
+  // ---- the entry (resolve_entry for one step): slot read, slot written (-1: none), validity ----
+  const bool padded = p.has_src_idx && vsrc == p.pad;
+  bool ok = padded || slot_ok(vsrc, p.S);
+  int64_t dst = -1;
+  if (ok && !padded && p.update_state) {
+    if (!p.has_dst) dst = vsrc;
+    else if (vdst != p.pad) { ok = slot_ok(vdst, p.S); dst = vdst; }
+  }
+  if (!ok) {  // invalid: NaN out, nothing written
+    if (lane == 0) {
+#pragma unroll
+      for (int k = 0; k < KV; ++k)
+        if (on(k)) st_out<IT>(p.out, xb + row(k), __int_as_float(0x7fc00000));
+    }
+    return;
+  }
+
+  // ---- state loads (streaming) ----
+  const uint32_t slot_elems = uint32_t(H) * uint32_t(P) * uint32_t(N);
+  const uint32_t in_slot = uint32_t(h * P + p0) * uint32_t(N) + uint32_t(lane * E);
+  const uint32_t row_step = uint32_t(groups) * uint32_t(N);
+  const SW* const src_row = static_cast<const SW*>(p.state) + uint64_t(padded ? 0 : vsrc) * slot_elems + in_slot;
+  uint4 raw[KV][VPL];
+#pragma unroll
+  for (int k = 0; k < KV; ++k)
+#pragma unroll
+    for (int j = 0; j < VPL; ++j)
+      raw[k][j] = on(k) && !padded
+                      ? __ldcs(reinterpret_cast<const uint4*>(src_row + k * row_step + j * LPR * E))
+                      : make_uint4(0u, 0u, 0u, 0u);
+
+  // ---- per-head scalars (their loads have landed while the state loads fly) ----
+  const float bias_h = bias_h_on ? w_value(w_bias, pt) : 0.f;
+  const float D_h = D_h_on ? w_value(w_D, pt) : 0.f;
+  float dt_h = 0.f, dA_h = 1.f;
+  if (!per_row_dt) {
+    dt_h = w_value(w_dt, pt) + bias_h;
+    if (p.softplus) dt_h = dev_softplus(dt_h);
+    dA_h = __expf(A_h * dt_h);
+  }
+
+  // ---- update, dot with C, store ----
+  SW* const dst_row = dst >= 0 ? static_cast<SW*>(p.state) + uint64_t(dst) * slot_elems + in_slot : nullptr;
+  float acc[KV];
+#pragma unroll
+  for (int k = 0; k < KV; ++k) {
+    float dtr = dt_h, dA = dA_h;
+    if constexpr (ELEM) {
+      if (per_row_dt) {
+        const float bias = p.has_dt_bias ? (p.bias_elem ? w_value(w_biasr[k], pt) : bias_h) : 0.f;
+        dtr = w_value(w_dtr[k], pt) + bias;
+        if (p.softplus) dtr = dev_softplus(dtr);
+        dA = __expf(A_h * dtr);
+      }
+    }
+    float a = 0.f;
+#pragma unroll
+    for (int j = 0; j < VPL; ++j) {
+      float s[E], dAe[E];
+      cvt_state_vec<ST>(raw[k][j], s);
+#pragma unroll
+      for (int e = 0; e < E; ++e) dAe[e] = dA;
+      if constexpr (ELEM) {
+        if (p.A_elem) {
+#pragma unroll
+          for (int q = 0; q < E / 4; ++q) {
+            const float4 f = Ar[k][j * (E / 4) + q];
+            dAe[4 * q] = __expf(f.x * dtr); dAe[4 * q + 1] = __expf(f.y * dtr);
+            dAe[4 * q + 2] = __expf(f.z * dtr); dAe[4 * q + 3] = __expf(f.w * dtr);
+          }
+        }
+      }
+#pragma unroll
+      for (int e = 0; e < E; ++e) {
+        // same association as the CPU handler and the other kernels: s*dA + (B*dt)*x
+        s[e] = s[e] * dAe[e] + (Bf[j][e] * dtr) * xf[k];
+        a += s[e] * Cf[j][e];
+      }
+      raw[k][j] = pack_state<ST>(s);
+    }
+    acc[k] = a;
+    if (dst_row != nullptr && on(k)) {
+#pragma unroll
+      for (int j = 0; j < VPL; ++j)
+        __stcs(reinterpret_cast<uint4*>(dst_row + k * row_step + j * LPR * E), raw[k][j]);
+    }
+  }
+
+  // ---- the row's lanes reduce; lane 0 writes out (+ D x, gate) ----
+#pragma unroll
+  for (int off = LPR / 2; off >= 1; off >>= 1)
+#pragma unroll
+    for (int k = 0; k < KV; ++k) acc[k] += __shfl_xor_sync(0xffffffffu, acc[k], off);
+  if (lane == 0) {
+#pragma unroll
+    for (int k = 0; k < KV; ++k) {
+      if (!on(k)) continue;
+      float v = acc[k];
+      if (p.has_D) v += (ELEM && p.D_elem ? w_value(w_Dr[k], pt) : D_h) * xf[k];
+      if (p.has_z) v = dev_gate(v, zf[k]);
+      st_out<IT>(p.out, xb + row(k), v);
+    }
+  }
+}
+
+}  // namespace cuda
+}  // namespace ssu

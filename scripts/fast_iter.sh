@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Kernel iteration in one device call: build (sm_90a), ptxas summary of the fast path, the GPU
+# correctness subset, then scripts/fast_harness.py per variant (one process each: the variant
+# switches are read once per process). KEEP="file ..." restores every other modified tracked
+# file to HEAD first (the device gets a copy of a working tree others are editing).
+set -uo pipefail
+OUT=${OUT:-gpu_out}; mkdir -p "$OUT"
+if [ -n "${KEEP:-}" ]; then
+  for f in $(git diff --name-only HEAD); do
+    [[ " $KEEP " == *" $f "* ]] || git checkout -q HEAD -- "$f"
+  done
+fi
+export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
+nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader
+t=$(date +%s)
+BDIR=build/gpu
+{ cmake -S . -B "$BDIR" -DSKBUILD_PROJECT_NAME=jax_mamba -DJAX_MAMBA_CUDA=ON \
+    -DPython_EXECUTABLE="$(command -v python)" -Dnanobind_DIR="$(python -m nanobind --cmake_dir)" \
+    -DCMAKE_CUDA_ARCHITECTURES=90a -DCMAKE_BUILD_TYPE=Release -DJAX_MAMBA_CUDA_VERBOSE_PTXAS=ON \
+  && cmake --build "$BDIR" -j 16 && cp "$BDIR"/_cpu*.so "$BDIR"/_cuda*.so jax_mamba/; } > "$OUT/build.log" 2>&1 \
+  || { tail -30 "$OUT/build.log"; exit 1; }
+echo "build: $(( $(date +%s) - t )) s"
+awk '/Compiling entry function/ {f=$0} /spill stores/ && f ~ /ssu_fast/ && !/ 0 bytes spill stores/ {print "SPILL", f, $0}' "$OUT/build.log" | head
+export PYTHONPATH=$PWD
+if [ -n "${TESTS:-}" ]; then
+  t=$(date +%s)
+  timeout "${TEST_TIMEOUT:-240}" python -m pytest -q -x -p no:cacheprovider --tb=short $TESTS > "$OUT/tests.log" 2>&1
+  echo "tests rc=$? in $(( $(date +%s) - t )) s: $(tail -1 "$OUT/tests.log")"
+  grep -E "^FAILED|^E  " "$OUT/tests.log" | head -15
+fi
+run() { local tag=$1; shift; env JAX_MAMBA_UNUSED=1 "$@" TAG="$tag" timeout "${HARNESS_TIMEOUT:-150}" python scripts/fast_harness.py --reps "${REPS:-15}" $CASES 2>&1 | grep -v "^WARNING\|^I0000\|^W0000" | tee -a "$OUT/harness.log"; }
+[ -n "${COPY:-}" ] && python scripts/fast_harness.py --copy --reps 1 b1-bf16 2>&1 | grep torch
+IFS=';' read -ra VARS <<< "${VARIANTS:-fast:JAX_MAMBA_CUDA_FAST=1}"
+for v in "${VARS[@]}"; do  # tag:ENV=v ENV=v[:case case ...]
+  tag=${v%%:*}; rest=${v#*:}; envs=${rest%%:*}; cases=$CASES
+  [[ "$rest" == *:* ]] && cases=${rest#*:}
+  CASES=$cases run "$tag" $envs
+done
