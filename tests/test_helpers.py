@@ -1,6 +1,6 @@
-"""Model-level helpers (README "Model-level helpers", issue #10 item 3): the causal-conv1d decode update,
-the layer-stacked cache under lax.scan (zero copies, checked in the compiled HLO) and the
-speculative-decoding commits (SGLang and vLLM styles)."""
+"""Model-level helpers (README "Model-level helpers", issue #10 item 3): the causal-conv1d
+decode update, the layer-stacked cache under lax.scan (zero copies, checked in the compiled
+HLO) and the speculative-decoding commits (SGLang and vLLM styles)."""
 import re
 
 import jax
@@ -281,7 +281,7 @@ def test_scan_layers_matches_per_layer_caches(dtype, device):
         hr = h0
         ssm, conv, scale = [], [], []
         for l in range(L):
-            p = jax.tree.map(lambda a: a[l], params)
+            p = jax.tree.map(lambda a, l=l: a[l], params)
             xin = _mm(hr, p["w_in"])
             u, cs = causal_conv1d_update(c0.conv[l], xin, p["conv_w"], p["conv_b"], "silu", slots)
             x, dt, B = _toy_ssm_inputs(u)
@@ -504,7 +504,6 @@ def test_commit_layer_cache(device):
     nacc = jnp.array([2, 3, 1], jnp.int32)
     h = _rand(rng, (b, T, 32))
     verify = _layer_step(jax_mamba.selective_state_update, slots, write_intermediate=True)
-    single = _layer_step(jax_mamba.selective_state_update, slots)
     with jax.default_device(device):
         _, cv, xins = jax.jit(lambda c, h: jcache.scan_layers(verify, c, h, params))(c0, h)
         np.testing.assert_array_equal(np.asarray(cv.ssm), np.asarray(c0.ssm))

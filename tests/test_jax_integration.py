@@ -1,6 +1,6 @@
-"""JAX integration: autodiff raises a pointer to the reference; a jitted step exports and re-runs."""
+"""JAX integration: autodiff raises a pointer to the reference; a jitted step exports and
+re-runs."""
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -54,8 +54,8 @@ def test_export_roundtrip(device):
     platform = _export_platform(device)
     if device.platform == jax.default_backend():   # jax's own name for the default backend
         assert platform == export.default_export_platform(), (platform, device.platform)
-    exp = export.export(step, platforms=[platform],
-                        disabled_checks=[export.DisabledSafetyCheck.custom_call("jax_mamba_ssu")])(arrays)
+    allow = [export.DisabledSafetyCheck.custom_call("jax_mamba_ssu")]
+    exp = export.export(step, platforms=[platform], disabled_checks=allow)(arrays)
     assert exp.platforms == (platform,), exp.platforms
     again = export.deserialize(exp.serialize())
     got = again.call(arrays)

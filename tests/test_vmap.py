@@ -1,6 +1,6 @@
-"""vmap of selective_state_update (docs/sharding.md "vmap", issue #10 item 2): equal to a loop over the
-instances, and with a donated batched cache in place (the vmapped axis is folded into the slot
-axis: one kernel call, no copy of the state)."""
+"""vmap of selective_state_update (docs/sharding.md "vmap", issue #10 item 2): equal to a loop
+over the instances, and with a donated batched cache in place (the vmapped axis is folded into
+the slot axis: one kernel call, no copy of the state)."""
 import re
 
 import jax
@@ -60,7 +60,8 @@ def _run(cfg, V=3, seed=0, unbatched=SHARED, edit=None, device=None):
                 continue
             assert g.shape == (V,) + w.shape, (field, g.shape, w.shape)
             diff = _bits(g[v]) != _bits(w)
-            assert not diff.any(), f"instance {v}: {field} differs at {np.argwhere(diff)[:4].tolist()}"
+            assert not diff.any(), \
+                f"instance {v}: {field} differs at {np.argwhere(diff)[:4].tolist()}"
     return got
 
 
