@@ -3,10 +3,12 @@ and a portable fallback (TPU, debugging). Same signature and result as jax_mamba
 it runs on any backend and under jit, but materialises per-step temporaries (it is not fast)."""
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from ._problem import Problem, public_function
@@ -191,6 +193,11 @@ def _state_write(pb: Problem, e, t):
 
 def _run(pb: Problem):
     """Canonical results (out, state, state_scale, intermediates, their scales) of pb."""
+    # NumPy operands as jax arrays (as the kernel call converts them): the step loop indexes
+    # them with traced rows
+    pb = dataclasses.replace(pb, **{f.name: jnp.asarray(getattr(pb, f.name))
+                                    for f in dataclasses.fields(pb)
+                                    if isinstance(getattr(pb, f.name), np.ndarray)})
     H, P, N, G, nb, S = pb.H, pb.P, pb.N, pb.G, pb.nb, pb.S
     e = _resolve(pb)
     rows = e["rows"]

@@ -25,10 +25,11 @@ from ._problem import Problem, Settings
 #   * the state's sharding drives everything: its slot axis (0) and head axis (1) may be
 #     sharded, its P and N axes are replicated (the partitioner gathers them if they were not:
 #     correct, not fast);
-#   * heads: every per-head operand and result is split on H like the state; B and C are split
-#     on G when the head mesh size divides G, otherwise (the head mesh size is a multiple of G)
-#     each shard's heads belong to one group and the shard slices that group out of
-#     replicated B / C;
+#   * heads (any head mesh size that divides H, whatever G): every per-head operand and result
+#     is split on H like the state; B and C are split on G when the head mesh size divides G
+#     (each shard's heads are whole groups), otherwise B / C are replicated (per-entry, small)
+#     and each shard picks the groups of its own heads out of them (`_pick_groups`: one group
+#     when its heads lie in one group, one per run of heads when they straddle groups);
 #   * slots: per-entry operands are replicated; every shard maps global slot indices to its
 #     own (`_local_src`): an entry whose read slot lives on another shard is padded locally
 #     (it is that shard's work), so the kernel runs every entry everywhere but updates only
@@ -45,6 +46,12 @@ from ._problem import Problem, Settings
 #     dst (or under disable_state_update) and without an intermediate buffer nothing is
 #     spilled: the kernel writes the read slot in place.
 #
+# Index values are caller data: any value of the index dtype may arrive, and none is given an
+# internal meaning. Under slot sharding the local calls get index operands this rule builds:
+# every global value is classified by comparisons (== pad_slot_id, in [0, S), on this shard)
+# and re-encoded as a local index in range, LOCAL_PAD (the local calls' pad_slot_id) or
+# LOCAL_BAD (out of range locally, so invalid); no global value passes through unclassified.
+#
 # The partitioned function works on the canonical operand tuple of _contract.frame and the
 # call's attributes; it changes `pad_slot_id` (a local pad value), the index operands (and,
 # where it has to supply explicit local indices, the matching has_<operand> flag) and, when
@@ -57,8 +64,9 @@ _RESULTS = _contract.RESULTS
 _REQUIRED = set(_contract.REQUIRED)
 _INDEX_OPERANDS = ("state_batch_indices", "dst_state_batch_indices", "intermediate_state_indices")
 
-LOCAL_PAD = -1     # pad value of the shard-local calls (never a valid local index)
-LOCAL_BAD = -2     # an index that is invalid on every shard and is not LOCAL_PAD
+# Codes of the rule's own local index operands (never a caller's value, see above)
+LOCAL_PAD = -1     # pad_slot_id of the shard-local calls (no local index is negative)
+LOCAL_BAD = -2     # out of range for the local call and not LOCAL_PAD: the entry is invalid
 
 
 def kernel(operands, results, aliases, attrs, plan):
@@ -152,7 +160,8 @@ def _layout(operands, results, aliases, attrs, plan):
 class _Plan:
     slot: tuple = ()         # mesh axes the slot axis is split over
     head: tuple = ()         # mesh axes the head axis is split over
-    groups: str = ""         # "shard" (B/C split on G) | "slice" (one group per shard) | ""
+    groups: str = ""         # "shard" (B/C split on G) | "pick" (B/C replicated, each shard
+    #                          picks its heads' groups, _pick_groups) | "" (no head split)
     inter_slot: bool = False  # intermediate buffer split on axis 0 along `slot`
     arg_specs: tuple = ()
     res_specs: tuple = ()
@@ -184,15 +193,11 @@ def _plan(lay: _Layout, mesh, shardings) -> _Plan:
     head = tuple(a for a in _axes(st, 1) if a not in slot) if lay.heads else ()
     groups = ""
     if head:
-        mh, H, G = _size(mesh, head), lay.H, lay.G
-        if H % mh:
+        mh = _size(mesh, head)
+        if lay.H % mh:  # uneven heads per shard: not expressible, replicated (gathers)
             head = ()
-        elif G % mh == 0:
-            groups = "shard"
-        elif mh % G == 0:
-            groups = "slice"
         else:
-            head = ()
+            groups = "shard" if lay.G % mh == 0 else "pick"
     inter_slot = False
     if slot and lay.has("intermediate_states_buffer"):
         I = lay.shape("intermediate_states_buffer")[0]
@@ -277,8 +282,9 @@ def _read_slots(lay, ops):
     sbi = ops[_I["state_batch_indices"]]
     K = sbi.shape[1] if sbi.ndim == 2 else 1
     col = jnp.zeros((nb,), jnp.int32)
-    if lay.has("num_accepted_tokens"):
-        col = jnp.clip(ops[_I["num_accepted_tokens"]] - 1, 0, K - 1).astype(jnp.int32)
+    if lay.has("num_accepted_tokens"):  # column na - 1 (0 for na <= 1), no overflow at any na
+        na = ops[_I["num_accepted_tokens"]]
+        col = (jnp.clip(jnp.where(na > 1, na, 1), 1, K) - 1).astype(jnp.int32)
     src = jnp.take_along_axis(sbi.reshape(nb, K), col[:, None], axis=1)[:, 0]
     return src, (src != pad) & (src >= 0) & (src < lay.S)
 
@@ -484,15 +490,29 @@ def _spill_inter(lay, plan, ops, attrs, results, local, shard, axes, platform):
     return finish
 
 
+def _pick_groups(lay: _Layout, mesh, head, a):
+    """This head shard's B or C out of the replicated (..., G, N) array: Gl local groups such
+    that the kernel's local head j (group j // (Hl / Gl), Hl heads per shard) meets the group of
+    its global head h0 + j. With q = H / G heads per group, runs of r = gcd(q, Hl) local heads
+    never cross a group boundary (r divides q and h0 = shard * Hl), so local group i is global
+    group (h0 + i * r) // q, and Gl = Hl / r: one group when the shard's heads lie in one group,
+    repeated groups when they straddle groups (the copy is per-entry sized, never the cache)."""
+    Hl = lay.H // _size(mesh, head)
+    q = lay.H // lay.G
+    r = math.gcd(q, Hl)
+    h0 = _axis_index(mesh, head) * Hl
+    if r == Hl:  # one group for the whole shard
+        return lax.dynamic_slice_in_dim(a, h0 // q, 1, axis=a.ndim - 2)
+    groups = (h0 + jnp.arange(Hl // r, dtype=jnp.int32) * r) // q
+    return jnp.take(a, groups, axis=a.ndim - 2, mode="clip")
+
+
 def _local(lay: _Layout, plan: _Plan, mesh, ops):
     ops = list(ops)
     attrs = lay.attr
-    if plan.groups == "slice":  # this shard's heads all lie in one group
-        per = _size(mesh, plan.head) // lay.G
-        g = _axis_index(mesh, plan.head) // per
+    if plan.groups == "pick":
         for name in ("B", "C"):
-            a = ops[_I[name]]
-            ops[_I[name]] = lax.dynamic_slice_in_dim(a, g, 1, axis=a.ndim - 2)
+            ops[_I[name]] = _pick_groups(lay, mesh, plan.head, ops[_I[name]])
     results = [jax.ShapeDtypeStruct(_tile(mesh, shape, spec), dtype) for shape, dtype, spec in
                zip(lay.res_shapes, lay.res_dtypes, plan.res_specs)]
     local = {"S": _tile(mesh, lay.shape("state"), plan.arg_specs[_I["state"]])[0]}

@@ -1,11 +1,15 @@
-"""Degenerate and boundary configurations (SPEC §3.2, §3.6), run as a child process by
-test_degenerate.py so that a crash (segfault, heap corruption) fails a test instead of killing
-pytest. Each case prints its description before it runs: the last line names the culprit.
+"""Degenerate and boundary configurations (docs/semantics.md: "Invalid runtime data", "Errors
+at trace time"), run as a child process by test_degenerate.py so that a crash (segfault, heap
+corruption) fails a test instead of killing pytest. Each case prints its description before it
+runs: the last line names the culprit.
 
     python tests/degenerate_worker.py SEED COUNT [PLATFORM]
+    python tests/degenerate_worker.py extremes OPERAND IDX [PLATFORM]
 
 Every case compares the FFI handler and the jnp reference with the float64 oracle; slots,
-scales and intermediate rows the oracle does not write must keep their bytes.
+scales and intermediate rows the oracle does not write must keep their bytes. `extremes` puts
+the extreme values of the index dtype IDX (int32 | int64) and the values next to the pad and
+to the operand's bounds into one index operand (EXTREMES), one element at a time.
 """
 import dataclasses
 import os
@@ -18,7 +22,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 import jax_mamba  # noqa: E402
-from cases import Cfg, check, make_case, to_device  # noqa: E402
+from cases import Cfg, check, make_case, split_static, to_device  # noqa: E402
 
 
 def _slice_batch(kw, cfg, nb):
@@ -127,7 +131,130 @@ def run_case(kind, cfg, rng, device):
             assert not np.asarray(res.out, np.float32).any()
 
 
+# ---- extreme index values (issue #18) ----
+
+I32 = (-2**31, 2**31 - 1)
+I64 = (-2**63, 2**63 - 1)
+# pad_slot_id per index dtype: the default, and the dtype's extreme (INT64_MIN was the value
+# the C++ handler used internally for "no write")
+PADS = {"int32": [-1, I32[1]], "int64": [-1, I64[0]]}
+
+
+def extreme_values(idx, pad, near):
+    """The values put into an index operand: the dtype's extremes and their neighbours, the
+    int32 extremes, pad - 1, pad, pad + 1, -1, 0 and `near` (values next to the operand's own
+    bounds); for int64 also values whose low 32 bits are a valid slot, the int32 extremes or
+    the pad (a 32-bit truncation would turn them into one)."""
+    lo, hi = I64 if idx == "int64" else I32
+    vals = [lo, lo + 1, hi - 1, hi, I32[0], I32[1], -1, 0, pad - 1, pad, pad + 1] + list(near)
+    if idx == "int64":
+        vals += [2**31, -2**31 - 1, 2**32 + 1, -2**32 + 1, pad + 2**32, pad - 2**32]
+    return sorted({v for v in vals if lo <= v <= hi})
+
+
+_SMALL = dict(H=2, G=1, P=4, N=8, b=3, T=2)
+# operand -> [(Cfg, positions poked, which bounds are `near`)]. make_case pads entry 0 when
+# pads=True: its dst is then never used (not checked), entry 1's is.
+EXTREMES = {
+    "state_batch_indices": [
+        (Cfg(mode="stp", sbi="1d", dst="1d", S=12, **_SMALL), [(1,)], "S"),
+        (Cfg(mode="varlen", sbi="1d", inter="noidx", S=12, **_SMALL), [(0,), (2,)], "S"),
+        (Cfg(mode="mtp", sbi="2d", dst="2d", state="i16", S=24, **_SMALL),
+         [(1, 0), (1, 2)], "S"),  # the read column, and one never read
+    ],
+    "dst_state_batch_indices": [
+        (Cfg(mode="stp", sbi="1d", dst="1d", pads=True, state="bf16", S=12, **_SMALL),
+         [(0,), (1,)], "S"),
+        (Cfg(mode="mtp", sbi="1d", dst="1d", disable=True, S=12, **_SMALL), [(1,)], "S"),
+        (Cfg(mode="mtp", sbi="2d", dst="2d", state="i16", S=24, **_SMALL),
+         [(1, 0), (1, 1), (1, 2)], "S"),  # both steps' columns, and one past T
+        (Cfg(mode="varlen", sbi="1d", dst="2d", S=16, **_SMALL), [(0, 1), (1, 2)], "S"),
+    ],
+    "intermediate_state_indices": [
+        (Cfg(mode="mtp", sbi="1d", inter="idx", pads=True, S=12, **_SMALL), [(0,), (1,)], "I"),
+        (Cfg(mode="varlen", sbi="1d", inter="idx", state="i16", S=12, **_SMALL), [(1,)], "I"),
+    ],
+    "num_accepted_tokens": [
+        (Cfg(mode="mtp", sbi="2d", nacc=True, dst="2d", S=24, **_SMALL), [(1,)], "K"),
+        (Cfg(mode="varlen", sbi="2d", nacc=True, inter="noidx", S=24, **_SMALL), [(0,)], "K"),
+    ],
+    "cu_seqlens": [
+        (Cfg(mode="varlen", sbi="1d", dst="1d", S=12, **_SMALL), [(0,), (1,), (3,)], "TT"),
+        (Cfg(mode="varlen", sbi="none", inter="noidx", S=12, **_SMALL), [(2,)], "TT"),
+    ],
+}
+
+
+def _bounds(kw, which):
+    """Values next to the operand's own bounds."""
+    if which == "S":
+        n = kw["state"].shape[0]
+    elif which == "I":
+        n = kw["intermediate_states_buffer"].shape[0]
+    elif which == "K":
+        n = kw["state_batch_indices"].shape[1]
+    else:
+        n = kw["x"].shape[0]
+    return [n - 1, n, n + 1]
+
+
+def _free_bounds(kw, pad):
+    """Moves every use of slot 0 and S - 1 (and of intermediate rows 0 and I - 1) to an unused
+    slot (row), so that a probe value at those bounds names a slot (row) no other entry reads or
+    writes: two entries on one slot would make the result depend on their order."""
+    kw = dict(kw)
+    groups = [(("state_batch_indices", "dst_state_batch_indices"), kw["state"].shape[0])]
+    if kw.get("intermediate_state_indices") is not None:
+        groups.append((("intermediate_state_indices",),
+                       kw["intermediate_states_buffer"].shape[0]))
+    for names, n in groups:
+        arrs = {k: np.asarray(kw[k]).copy() for k in names if kw.get(k) is not None}
+        used = {int(v) for a in arrs.values() for v in a.ravel()}
+        free = [v for v in range(1, n - 1) if v not in used and v != pad]
+        for k, a in arrs.items():
+            for i in zip(*np.nonzero((a == 0) | (a == n - 1))):
+                if a[i] != pad:
+                    a[i] = free.pop()
+            kw[k] = jnp.asarray(a, kw[k].dtype)
+    return kw
+
+
+def run_extremes(operand, idx, device):
+    if idx == "int64":
+        jax.config.update("jax_enable_x64", True)
+    fns = (jax_mamba.selective_state_update, jax_mamba.reference.selective_state_update)
+    n = 0
+    for c, (cfg0, positions, near) in enumerate(EXTREMES[operand]):
+        for pad in PADS[idx]:
+            cfg = dataclasses.replace(cfg0, idx=idx, pad_slot_id=pad)
+            kw = _free_bounds(make_case(cfg, np.random.default_rng(100 + c)), pad)
+            kw = to_device(kw, device)
+            arrays, static = split_static(kw)
+            jitted = [jax.jit(lambda a, f=f: f(**a, **static)) for f in fns]
+            base = np.asarray(arrays[operand])
+            assert base.dtype == np.dtype(idx), (operand, base.dtype, idx)
+            for pos in positions:
+                for v in extreme_values(idx, pad, _bounds(kw, near)):
+                    a = base.copy()
+                    a[pos] = v
+                    print(f"{operand}[{pos}] = {v} (pad_slot_id={pad}, {idx}): {cfg}",
+                          flush=True)
+                    changed = dict(arrays, **{operand: jax.device_put(a, device)})
+                    for fn in jitted:
+                        check(cfg, dict(kw, **changed), fn(changed))
+                    n += 1
+    print(f"{n} values", flush=True)
+
+
 def main():
+    if sys.argv[1] == "extremes":
+        operand, idx = sys.argv[2], sys.argv[3]
+        platform = sys.argv[4] if len(sys.argv) > 4 else "cpu"
+        device = jax.devices(platform)[0]
+        with jax.default_device(device):
+            run_extremes(operand, idx, device)
+        print("ok", flush=True)
+        return
     seed, count = int(sys.argv[1]), int(sys.argv[2])
     platform = sys.argv[3] if len(sys.argv) > 3 else "cpu"
     device = jax.devices(platform)[0]

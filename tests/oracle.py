@@ -1,7 +1,8 @@
-"""Float64 NumPy oracle written directly from SPEC §3 (loops, no vectorisation tricks).
+"""Float64 NumPy oracle written directly from docs/semantics.md (loops, no vectorisation tricks).
+Index values are handled as Python ints: any int32 / int64 value, no overflow.
 
 oracle(**kwargs) takes the public arguments (NumPy or JAX arrays) and returns a dict:
-  out           float64, shape of x (NaN where the SPEC says NaN)
+  out           float64, shape of x (NaN where docs/semantics.md says NaN)
   state         float64 values of every slot after the call (written slots: unrounded fp32-math
                 values from float64 math; other slots: the input decoded)
   written       bool per slot: did the call write it
@@ -45,7 +46,7 @@ def oracle(state, x, dt, A, B, C, D, z=None, dt_bias=None, dt_softplus=False,
     S, H, P, N = st.shape
     varlen = cu_seqlens is not None
     if varlen:
-        cu = _i(cu_seqlens)
+        cu = [int(v) for v in _i(cu_seqlens)]
         nb, TT = len(cu) - 1, x.shape[0]
         rows = lambda b: (cu[b], cu[b + 1])
         xs = x
@@ -74,7 +75,8 @@ def oracle(state, x, dt, A, B, C, D, z=None, dt_bias=None, dt_softplus=False,
     y_all = np.zeros(x.shape[:-2] + (H, P)) if varlen else np.zeros((nb, T, H, P))
 
     if varlen:
-        # SPEC §3.2: the rows a sequence owns (none when cu decreases), clipped to [0, TT);
+        # docs/semantics.md, "Varlen bounds": the rows a sequence owns (none when cu
+        # decreases), clipped to [0, TT);
         # sequences that own a common row are both invalid
         owned = [set(range(max(cu[b], 0), min(cu[b + 1], TT))) if cu[b + 1] >= cu[b] else set()
                  for b in range(nb)]
@@ -101,11 +103,12 @@ def oracle(state, x, dt, A, B, C, D, z=None, dt_bias=None, dt_softplus=False,
         if sbi is not None and not bad:
             col = 0
             if nacc is not None:
-                if not (0 <= nacc[b] <= sbi.shape[1]):
+                na = int(nacc[b])
+                if not (0 <= na <= sbi.shape[1]):
                     bad = True
-                col = max(nacc[b] - 1, 0)
+                col = max(na - 1, 0)
             if not bad:
-                src = sbi[b, col] if sbi.ndim == 2 else sbi[b]
+                src = int(sbi[b, col] if sbi.ndim == 2 else sbi[b])
                 padded = src == pad
                 bad = bad or (not padded and not 0 <= src < S)
         # write targets per step
@@ -113,7 +116,7 @@ def oracle(state, x, dt, A, B, C, D, z=None, dt_bias=None, dt_softplus=False,
         if not padded and not disable_state_update:
             for t in range(L):
                 if dst is not None:
-                    d = dst[b, t] if dst.ndim == 2 else (dst[b] if t == L - 1 else None)
+                    d = int(dst[b, t]) if dst.ndim == 2 else (int(dst[b]) if t == L - 1 else None)
                     if d is not None and d == pad:
                         d = None
                 else:
@@ -123,7 +126,7 @@ def oracle(state, x, dt, A, B, C, D, z=None, dt_bias=None, dt_softplus=False,
                 dsts[t] = d
         ii = None
         if inter is not None and not padded:
-            ii = iidx[b] if iidx is not None else b
+            ii = int(iidx[b]) if iidx is not None else b
             if iidx is not None and ii == pad:
                 ii = None
             elif not 0 <= ii < I:

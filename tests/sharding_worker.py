@@ -179,6 +179,17 @@ CASES = {
     "heads_mtp_inter": (Cfg(mode="mtp", G=4, b=3, T=2, inter="idx", pads=True, **H8),
                         (8,), ("m",), {"state": P(None, "m"),
                                        "intermediate_states_buffer": P(None, None, "m")}, None),
+    # heads straddling groups (H / G heads per group not aligned with the shards): B and C
+    # replicated, each shard picks its heads' groups; still no collective, the cache in place
+    "heads_G_straddle": (Cfg(mode="stp", G=3, b=3, S=16, H=12, P=4, N=16), (4,), ("m",),
+                         {"state": P(None, "m")}, None),
+    "heads_mtp_straddle_i16_inter": (Cfg(mode="mtp", G=3, b=3, T=2, state="i16", inter="idx",
+                                         pads=True, z=True, S=12, H=6, P=3, N=16),
+                                     (2,), ("m",), {"state": P(None, "m"),
+                                                    "state_scale": P(None, "m"),
+                                                    "intermediate_states_buffer": P(None, None, "m"),
+                                                    "intermediate_state_scales": P(None, None, "m")},
+                                     None),
     "heads_varlen_i16": (Cfg(mode="varlen", G=2, b=3, T=3, state="i16", inp="bf16", w="bf16",
                              z=True, sbi="2d", **H8),
                          (4,), ("m",), {"state": P(None, "m"), "state_scale": P(None, "m")},
@@ -267,6 +278,10 @@ CASES = {
     "mesh2x4_stp_gslice": (Cfg(mode="stp", G=2, b=5, pads=True, z=True, S=16, H=8, P=4, N=16),
                            (2, 4), ("s", "h"), {"state": P("s", "h")},
                            lambda kw, cfg, rng, n: _bad_index(kw, cfg, [3])),
+    "mesh2x4_mtp_gstraddle": (Cfg(mode="mtp", G=3, b=4, T=2, sbi="2d", nacc=True, state="bf16",
+                                  inp="bf16", S=16, H=12, P=4, N=16),
+                              (2, 4), ("s", "h"), {"state": P("s", "h")},
+                              lambda kw, cfg, rng, n: _same_shard_slots(kw, cfg, n, K=3)),
     "mesh2x4_varlen_inter": (Cfg(mode="varlen", G=4, b=3, T=2, inter="idx", S=16, H=8, P=4,
                                  N=16),
                              (2, 4), ("s", "h"), {"state": P("s", "h"),
@@ -275,8 +290,6 @@ CASES = {
     # what the rule cannot run locally falls back to a correct (gathering) call
     "fallback_state_on_P": (Cfg(mode="stp", G=2, b=3, S=16, H=8, P=8, N=16), (8,), ("m",),
                             {"state": P(None, None, "m")}, None),
-    "fallback_G_uneven": (Cfg(mode="stp", G=3, b=3, S=16, H=12, P=4, N=16), (4,), ("m",),
-                          {"state": P(None, "m")}, None),
     "fallback_x_on_batch": (Cfg(mode="stp", G=2, b=8, **H8), (8,), ("m",),
                             {"state": P(None, "m"), "x": P("m")}, None),
 }
@@ -284,7 +297,7 @@ CASES = {
 # gathered; the cases whose unsharded result has NaN rows (invalid indices). Every other
 # collective is an all-reduce of per-entry arrays (out rows; rows written to dst slots or
 # intermediate rows), smaller than a cache shard in these cases.
-GATHERS = {"fallback_state_on_P", "fallback_G_uneven"}
+GATHERS = {"fallback_state_on_P"}
 SMALL_GATHERS = {"fallback_x_on_batch"}
 EXPECT_NAN = {"slots_stp_pads_invalid", "mesh2x4_stp_gslice", "slots_mamba1_i16_inter",
               "slots_stp_dst1d_cross_i16", "slots_mtp_dst2d_cross", "slots_varlen_dst2d_cross_i16",
@@ -408,8 +421,9 @@ def _check_buffer_writes(hlo, buf_types, name):
     assert derived, f"{name}: no donated parameter (bufs[...]) in the HLO"
 
 
-def run(name):
-    cfg, mesh_shape, axes, specs, edit = CASES[name]
+def run(name, case=None):
+    """Checks case `name` (CASES[name], or the given (Cfg, mesh shape, axes, specs, edit))."""
+    cfg, mesh_shape, axes, specs, edit = case or CASES[name]
     mesh_shape = fit_mesh(mesh_shape)
     rng = np.random.default_rng(abs(hash(name)) % 2**32)
     kw = make_case(cfg, np.random.default_rng(sum(map(ord, name))))
@@ -625,7 +639,67 @@ def special_eager_slots():
     assert (_bits(got.state) == _bits(want.state)).all() and (_bits(got.out) == _bits(want.out)).all()
 
 
-SPECIAL = {"eager_slots": special_eager_slots,
+def head_split_cases(max_shards=None):
+    """{name: case} for every (H, G, shards) with H divisible by the shard count: shards 2, 4, 8
+    (those that fit on the devices), H up to 16 (and 24 on 8 shards), every G dividing H. The
+    state dtype, mode and intermediate buffer vary from case to case."""
+    variants = [dict(mode="stp"), dict(mode="mtp", T=2, state="bf16", inp="bf16"),
+                dict(mode="varlen", T=2, state="i16", inter="noidx"),
+                dict(mode="mtp", T=2, state="f16", inter="idx", pads=True)]
+    cases, k = {}, 0
+    for m in (2, 4, 8):
+        if m > (max_shards or N_DEV):
+            continue
+        for H in list(range(m, 17, m)) + ([24] if m == 8 else []):
+            for G in [g for g in range(1, H + 1) if H % g == 0]:
+                v = variants[k % len(variants)]
+                k += 1
+                cfg = Cfg(G=G, H=H, S=9, P=2, N=8, b=2, **v)  # S: no shard shape of x
+                specs = {"state": P(None, "m"), "state_scale": P(None, "m"),
+                         "intermediate_states_buffer": P(None, None, "m"),
+                         "intermediate_state_scales": P(None, None, "m")}
+                cases[f"heads_H{H}_G{G}_on{m}"] = (cfg, (m,), ("m",), specs, None)
+    return cases
+
+
+def special_head_splits():
+    """Head sharding keeps the cache sharded for every H divisible by the shard count, whatever
+    G (issue #18): each case of head_split_cases through run() (bit-exact against the unsharded
+    call, the buffers kept sharded and in place, and, being a heads case, no collective at all
+    in the compiled HLO)."""
+    cases = head_split_cases()
+    assert any(H % G == 0 and (H // G) % (H // m) and (H // m) % (H // G)
+               for (cfg, (m,), *_rest) in cases.values() for H, G in [(cfg.H, cfg.G)]), \
+        "no case whose shards straddle groups"
+    for name, case in cases.items():
+        run(name, case)
+    print(f"  {len(cases)} head splits: {' '.join(cases)}", flush=True)
+
+
+def special_fallback_heads_uneven():
+    """H not divisible by the head mesh size (5 heads on 4 or 2 devices): an array JAX only makes
+    inside jit (device_put refuses the uneven split), here through a sharding constraint. The
+    rule cannot give every device whole heads, so it falls back to replicated heads (the
+    partitioner gathers the state): the result still equals the unsharded call bit for bit."""
+    cfg = Cfg(mode="stp", G=5, b=3, S=16, H=5, P=4, N=16)
+    kw = make_case(cfg, np.random.default_rng(9))
+    arrays = {k: v for k, v in kw.items() if isinstance(v, jax.Array)}
+    static = {k: v for k, v in kw.items() if k not in arrays}
+    mesh = _mesh(fit_mesh((4,))[0])
+    want = jax.jit(lambda a: jax_mamba.selective_state_update(**a, **static))(arrays)
+
+    def f(a):
+        st = jax.lax.with_sharding_constraint(a["state"], NamedSharding(mesh, P(None, "m")))
+        return jax_mamba.selective_state_update(**dict(a, state=st), **static)
+    fn = jax.jit(f).lower(arrays).compile()
+    got = fn(arrays)
+    for field in ("out", "state"):
+        assert (_bits(getattr(got, field)) == _bits(getattr(want, field))).all(), field
+    print(f"  collectives: {sorted({op for op, _ in _hlo_collectives(fn.as_text())})}")
+
+
+SPECIAL = {"eager_slots": special_eager_slots, "head_splits": special_head_splits,
+           "fallback_heads_uneven": special_fallback_heads_uneven,
            "sr_slots_dst": special_sr_slots_dst, "vmap_heads": special_vmap_heads,
            "shard_map_heads": special_shard_map, "sr_heads": special_sr_heads}
 

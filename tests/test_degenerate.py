@@ -1,4 +1,5 @@
-"""Degenerate shapes, careless calls and bad cu_seqlens (SPEC §3.2, §3.6; issue #7).
+"""Degenerate shapes, careless calls, bad cu_seqlens and extreme index values
+(docs/semantics.md: "Invalid runtime data", "Errors at trace time"; issues #7, #18).
 
 Crash-prone cases run in a child process: a segfault or heap corruption fails the test
 instead of killing pytest."""
@@ -33,12 +34,71 @@ def _child(code_or_args, timeout=600):
     return r.stdout
 
 
+def _platform_device(platform):
+    """The first device of `platform`; skips the test when this machine has no GPU (or the
+    CUDA handlers were not built)."""
+    if platform == "gpu":
+        try:
+            gpus = jax.devices("gpu")
+        except RuntimeError:
+            gpus = []
+        if not (gpus and jax_mamba.HAS_CUDA):
+            pytest.skip("needs a GPU with the CUDA handlers built")
+    return jax.devices(platform)[0]
+
+
 @pytest.mark.parametrize("seed", [1, 2])
 def test_degenerate_property(seed, device):
     """Random degenerate / boundary shapes (axes 0, 1, limits; every index form and mode;
     empty batches, zero steps, arbitrary cu_seqlens): handler, reference and oracle agree."""
     out = _child([str(seed), "40", device.platform])
     assert out.strip().endswith("ok")
+
+
+# ---- extreme index values (issue #18) ----
+
+EXTREME_OPERANDS = ["state_batch_indices", "dst_state_batch_indices", "intermediate_state_indices",
+                    "num_accepted_tokens", "cu_seqlens"]
+
+
+@pytest.mark.parametrize("platform", ["cpu", "gpu"])
+@pytest.mark.parametrize("idx", ["int32", "int64"])
+@pytest.mark.parametrize("operand", EXTREME_OPERANDS)
+def test_extreme_index_values(operand, idx, platform):
+    """INT64_MIN, INT64_MAX, INT32_MIN, INT32_MAX (and their neighbours), pad_slot_id - 1, pad,
+    pad + 1, the operand's bounds and, for int64, values whose low 32 bits are a valid slot or
+    the pad, one element at a time, in every index operand (1-D and 2-D, used and unused
+    columns, padded entries, disable_state_update), with the default pad and an extreme one:
+    handler and reference agree with the oracle, nothing else is written
+    (tests/degenerate_worker.py, EXTREMES)."""
+    _platform_device(platform)
+    out = _child(["extremes", operand, idx, platform])
+    assert out.strip().endswith("ok") and " values" in out, out[-500:]
+
+
+@pytest.mark.parametrize("platform", ["cpu", "gpu"])
+@pytest.mark.parametrize("impl", sorted(IMPLS))
+@pytest.mark.parametrize("dst_2d", [False, True])
+def test_dst_int64_min_is_invalid(dst_2d, impl, platform):
+    """Issue #18's repro: a dst slot of INT64_MIN is out of range like any other (NaN out,
+    nothing written), not "no write" (the value the C++ handler once used for it)."""
+    from conftest import x64
+    dev = _platform_device(platform)
+    S, H, P, N = 4, 2, 4, 8
+    r = np.random.default_rng(0)
+    st = r.standard_normal((S, H, P, N)).astype(np.float32)
+    lo = np.iinfo(np.int64).min
+    with x64(), jax.default_device(dev):
+        dst = np.array([[lo]] if dst_2d else [lo])
+        res = IMPLS[impl](
+            st, r.standard_normal((1, H, P)).astype(np.float32), np.full((1, H), .1, np.float32),
+            -np.ones(H, np.float32), r.standard_normal((1, 1, N)).astype(np.float32),
+            r.standard_normal((1, 1, N)).astype(np.float32), np.ones(H, np.float32),
+            state_batch_indices=np.array([1]), dst_state_batch_indices=dst)
+        assert res.state.dtype == np.float32 and dst.dtype == np.int64
+        out, state = np.asarray(res.out), np.asarray(res.state)
+    assert np.isnan(out).all(), out
+    np.testing.assert_array_equal(state, st)
 
 
 # ---- the handler's own defence: shapes Python now rejects, fed straight to the FFI call ----

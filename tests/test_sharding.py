@@ -1,4 +1,4 @@
-"""jax.jit with a sharded state cache (SPEC §4 multi-device, issue #10 item 1), on 8 host CPU
+"""jax.jit with a sharded state cache (docs/sharding.md; issue #10 item 1, #18), on 8 host CPU
 devices in a child process (the device count is fixed when jax initialises, and this pytest
 process has already initialised it).
 
@@ -24,24 +24,29 @@ import jax_mamba
 HERE = os.path.dirname(__file__)
 
 GROUPS = {
-    "heads": ["heads_stp_gshard", "heads_stp_gslice", "heads_mtp_inter", "heads_varlen_i16",
-              "sr_heads", "shard_map_heads", "vmap_heads"],
+    "heads": ["heads_stp_gshard", "heads_stp_gslice", "heads_G_straddle",
+              "heads_mtp_straddle_i16_inter", "heads_mtp_inter", "heads_varlen_i16", "sr_heads",
+              "shard_map_heads", "vmap_heads"],
+    # every (H, G, shards) with H divisible by the shard count (issue #18)
+    "head_splits": ["head_splits"],
     "slots": ["slots_stp_pads_invalid", "slots_stp_pad_in_range", "slots_stp_noindex",
               "slots_mtp_dst2d_nacc", "slots_mtp_inter_sharded", "slots_mtp_inter_replicated",
               "slots_varlen_2d", "slots_mamba1_i16_inter", "slots_varlen_noout", "eager_slots"],
     "cross": ["slots_stp_dst1d_cross_i16", "slots_mtp_dst2d_cross",
               "slots_varlen_dst2d_cross_i16", "slots_mtp_dst2d_random", "slots_mtp_dst_disable",
               "slots_mtp_inter_cross_i16", "sr_slots_dst"],
-    "mesh2d": ["mesh4x2_mtp_i16", "mesh2x4_stp_gslice", "mesh2x4_varlen_inter",
-               "mesh4x2_varlen_dst1d_cross"],
-    "fallback": ["fallback_state_on_P", "fallback_G_uneven", "fallback_x_on_batch"],
+    "mesh2d": ["mesh4x2_mtp_i16", "mesh2x4_stp_gslice", "mesh2x4_mtp_gstraddle",
+               "mesh2x4_varlen_inter", "mesh4x2_varlen_dst1d_cross"],
+    "fallback": ["fallback_state_on_P", "fallback_heads_uneven", "fallback_x_on_batch"],
 }
 
 
-# on 2 devices: heads STP / MTP with intermediates / varlen int16; slots with pads and invalid
+# on 2 devices: heads STP / MTP with intermediates / varlen int16 / groups straddling the two
+# shards (6 heads, 3 groups) / every head split that fits; slots with pads and invalid
 # indices, int16 with a sharded intermediate buffer, dst slots on the other shard (bf16: on GPU
 # the native bf16 scatter), varlen int16 with cross-shard dst, cross-shard intermediate rows
-TWO_DEVICE = ["heads_stp_gshard", "heads_mtp_inter", "heads_varlen_i16", "slots_stp_pads_invalid",
+TWO_DEVICE = ["heads_stp_gshard", "heads_mtp_inter", "heads_varlen_i16",
+              "heads_mtp_straddle_i16_inter", "head_splits", "slots_stp_pads_invalid",
               "slots_mtp_inter_sharded", "slots_mtp_dst2d_cross", "slots_varlen_dst2d_cross_i16",
               "slots_mtp_inter_cross_i16"]
 # NVLink multicast stays off wherever NCCL may run (the device notes: it can take the host's
