@@ -73,9 +73,9 @@ double median(std::vector<double> v) {
 
 std::string measure_ceiling(int device, std::size_t buffer_bytes, std::size_t min_buffer_bytes,
                             int reps, int warmup, Ceiling* out) {
-#define CEILING_CHECK(call)                           \
-  do {                                                \
-    cudaError_t err_ = (call);                        \
+#define CEILING_CHECK(call)                              \
+  do {                                                   \
+    cudaError_t err_ = (call);                           \
     if (err_ != cudaSuccess) return failed(#call, err_); \
   } while (0)
   if (reps < 1) return "copy_ceiling: reps must be >= 1, got " + std::to_string(reps);

@@ -120,11 +120,14 @@ def test_main_writes_json(tmp_path):
     assert d["rows"][0]["speedup"] is None or d["rows"][0]["speedup"] > 0
 
 
-NCU_CSV = '''==PROF== Connected to process 123
-"ID","Process ID","Process Name","Host Name","Kernel Name","Context","Stream","Block Size","Grid Size","Device","CC","Section Name","Metric Name","Metric Unit","Metric Value"
-"0","123","python","h","ssu_simple<...>","1","7","(128, 1, 1)","(64, 1, 1)","0","9.0","Command line profiler metrics","gpu__time_duration.sum","usecond","1,012.50"
-"1","123","python","h","ssu_simple<...>","1","7","(128, 1, 1)","(64, 1, 1)","0","9.0","Command line profiler metrics","gpu__time_duration.sum","nsecond","2000"
-'''
+_NCU_COLUMNS = ('"ID","Process ID","Process Name","Host Name","Kernel Name","Context","Stream",'
+                '"Block Size","Grid Size","Device","CC","Section Name","Metric Name",'
+                '"Metric Unit","Metric Value"')
+_NCU_ROW = ('"{i}","123","python","h","ssu_simple<...>","1","7","(128, 1, 1)","(64, 1, 1)","0",'
+            '"9.0","Command line profiler metrics","gpu__time_duration.sum","{unit}","{value}"')
+NCU_CSV = "\n".join(["==PROF== Connected to process 123", _NCU_COLUMNS,
+                     _NCU_ROW.format(i=0, unit="usecond", value="1,012.50"),
+                     _NCU_ROW.format(i=1, unit="nsecond", value="2000"), ""])
 
 
 def test_ncu_csv_parsing():
