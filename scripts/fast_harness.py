@@ -98,7 +98,7 @@ def main():
         times = {k: [] for k in fns}
         carry = [state]
         for i in range(o.reps + 1):
-            for k, fn in fns.items():
+            for k in fns:
                 idx = rng.choice(S, 2 * K * c.batch, replace=False).astype(np.int32)
                 slots = tuple(jax.device_put(list(idx.reshape(2 * K, -1))))
                 jax.block_until_ready((flush(flushbuf), slots))

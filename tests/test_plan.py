@@ -19,8 +19,9 @@ def plan(algorithm="auto", S=64, H=80, P=64, N=128, nb=64, T=1, rows=None, dtype
 @pytest.mark.parametrize("kw,kernel", [
     (dict(), "ssu_fast"),                               # the decode row: the fast path
     (dict(nb=1), "ssu_fast"),                           # small batch too (latency-bound)
-    (dict(N=48), "ssu_simple_step1"),                   # a dstate the fast path is not built for
-    (dict(N=48, nb=1), "ssu_simple"),                   # ... and too few (entry, head) pairs
+    (dict(N=8), "ssu_simple_step1"),                    # a dstate the fast path is not built for
+    (dict(N=8, nb=1), "ssu_simple"),                    # ... and too few (entry, head) pairs
+    (dict(N=48), "ssu_simple"),                         # 6 vectors a row: not a power of two
     (dict(dtype="int16"), "ssu_simple_step1"),          # int16 states: not on the fast path
     (dict(inter=(64, 1)), "ssu_simple_step1"),          # an intermediate buffer: neither
     (dict(cache_steps=1), "ssu_fast"),                  # a cache_steps limit the step fits in
