@@ -6,7 +6,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
@@ -120,7 +119,8 @@ def _resolve(pb: Problem):
         bad_lo = bad_hi = row0
     if pb.settings.cache_steps is not None:
         faults["sequence longer than cache_steps"] = length > pb.settings.cache_steps
-    for name, idx in (("state_batch_indices", pb.state_batch_indices), ("dst_state_batch_indices", pb.dst_state_batch_indices)):
+    for name in ("state_batch_indices", "dst_state_batch_indices"):
+        idx = getattr(pb, name)
         if idx is not None and idx.ndim == 2:
             faults[f"sequence longer than the width of {name}"] = length > idx.shape[1]
     padded = jnp.zeros((nb,), bool)
@@ -202,8 +202,10 @@ def _run(pb: Problem):
     e = _resolve(pb)
     rows = e["rows"]
     if pb.mode == "varlen":
-        steps = pb.settings.cache_steps if pb.settings.cache_steps is not None else min([rows] + [i.shape[1] for i in (pb.state_batch_indices, pb.dst_state_batch_indices)
-                                             if i is not None and i.ndim == 2])
+        widths = [i.shape[1] for i in (pb.state_batch_indices, pb.dst_state_batch_indices)
+                  if i is not None and i.ndim == 2]
+        cs = pb.settings.cache_steps
+        steps = cs if cs is not None else min([rows] + widths)
     else:
         steps = pb.T
     x = pb.x.reshape((rows, H, P))

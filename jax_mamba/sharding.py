@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Optional
 
 import jax
 import jax.numpy as jnp
@@ -231,7 +230,7 @@ def _plan(lay: _Layout, mesh, shardings) -> _Plan:
 
     arg_specs = tuple(spec(n, sh, p) for n, sh, p in zip(_NAMES, lay.shapes, lay.present))
     res_specs = []
-    for r, (name, shape) in enumerate(zip(_RESULTS, lay.res_shapes)):
+    for name, shape in zip(_RESULTS, lay.res_shapes):
         if name == "out":
             res_specs.append(spec("out", shape, True))
         else:
@@ -593,17 +592,20 @@ def _choose(lay, mesh, arg_shapes):
     return _fallback_mesh(shardings), _replicated_plan(lay)
 
 
-def _partition(lay, mesh, arg_shapes, result_shape):
-    mesh, plan = _choose(lay, mesh, arg_shapes)
+def _partition(lay, x64, mesh, arg_shapes, result_shape):
+    with jax.enable_x64(x64):
+        mesh, plan = _choose(lay, mesh, arg_shapes)
 
     def lower(*ops):
-        return _local(lay, plan, mesh, ops)
+        with jax.enable_x64(x64):
+            return _local(lay, plan, mesh, ops)
 
     return (mesh, lower, _shardings(mesh, plan.res_specs), _shardings(mesh, plan.arg_specs))
 
 
-def _infer(lay, mesh, arg_shapes, result_shape):
-    mesh, plan = _choose(lay, mesh, arg_shapes)
+def _infer(lay, x64, mesh, arg_shapes, result_shape):
+    with jax.enable_x64(x64):
+        mesh, plan = _choose(lay, mesh, arg_shapes)
     return _shardings(mesh, plan.res_specs)
 
 
@@ -671,13 +673,17 @@ def call(operands, results, aliases, attrs, plan):
     """The kernel call with its SPMD partitioning rule; on a single device (and inside
     shard_map) it lowers to exactly the bare custom call."""
     lay = _layout(operands, results, aliases, attrs, plan)
+    # The partitioner calls back while XLA compiles, outside the caller's configuration
+    # context: under `with jax.enable_x64(True)` the callbacks would otherwise trace with x64
+    # off and turn the int64 index operands they build into int32 ones.
+    x64 = bool(jax.config.jax_enable_x64)
 
     def body(*ops):
         return kernel(ops, results, aliases, attrs, plan)
 
     fn = custom_partitioning(body)
     fn.def_partition(
-        partition=lambda mesh, a, r: _partition(lay, mesh, a, r),
-        infer_sharding_from_operands=lambda mesh, a, r: _infer(lay, mesh, a, r),
+        partition=lambda mesh, a, r: _partition(lay, x64, mesh, a, r),
+        infer_sharding_from_operands=lambda mesh, a, r: _infer(lay, x64, mesh, a, r),
         sharding_rule=_rule(lay))
     return tuple(fn(*operands))

@@ -230,7 +230,7 @@ def run_extremes(operand, idx, device):
             kw = _free_bounds(make_case(cfg, np.random.default_rng(100 + c)), pad)
             kw = to_device(kw, device)
             arrays, static = split_static(kw)
-            jitted = [jax.jit(lambda a, f=f: f(**a, **static)) for f in fns]
+            jitted = [jax.jit(lambda a, f=f, st=static: f(**a, **st)) for f in fns]
             base = np.asarray(arrays[operand])
             assert base.dtype == np.dtype(idx), (operand, base.dtype, idx)
             for pos in positions:

@@ -48,8 +48,6 @@ def oracle(state, x, dt, A, B, C, D, z=None, dt_bias=None, dt_softplus=False,
     if varlen:
         cu = [int(v) for v in _i(cu_seqlens)]
         nb, TT = len(cu) - 1, x.shape[0]
-        rows = lambda b: (cu[b], cu[b + 1])
-        xs = x
     else:
         if x.ndim == 3:  # STP -> T = 1
             x, dt, B, C = x[:, None], dt[:, None], B[:, None], C[:, None]

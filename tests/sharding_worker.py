@@ -16,7 +16,8 @@ a divisor of itself (at least 2) so that the product fits, the largest such (the
 slot edits place slots by the actual size of the mesh's slot axis, so every case keeps its
 meaning (entry b on shard b % shards, dst slots and intermediate rows on other shards) on any
 mesh. SHARDING_KEEP_GOING=1: a failing case prints `FAIL CASE: message` and the next one runs
-(exit status 1 at the end)."""
+(exit status 1 at the end). A case whose name ends in `_x64` runs inside
+`with jax.enable_x64(True):` (x64 on only around the call, not globally)."""
 import itertools
 import os
 import re
@@ -123,7 +124,7 @@ def _cross_shard_slots(kw, cfg, shards, K=1, dst_K=1, pad_rows=(), cells=None):
         src[e] = cfg.pad_slot_id
     for (e, t), v in (cells or {}).items():
         dst[e, t] = dst[e, v[1]] if isinstance(v, tuple) else v
-    idx = jnp.int32
+    idx = cfg.idx  # int64: the case runs under jax_enable_x64 (names ending in _x64)
     kw["state_batch_indices"] = jnp.asarray(src[:, 0] if cfg.sbi == "1d" else src, idx)
     kw["dst_state_batch_indices"] = jnp.asarray(dst[:, 0] if cfg.dst == "1d" else dst, idx)
     return kw
@@ -153,6 +154,19 @@ def _with_lens(kw, lens, start=1, tail=1):
         if kw.get(k) is not None:
             a = np.asarray(kw[k])
             kw[k] = jnp.asarray(np.resize(a, (TT,) + a.shape[1:]), kw[k].dtype)
+    return kw
+
+
+def _extreme_slots(kw, cfg, shards):
+    """Cross-shard dst slots (1-D) with the index dtype's extremes (issue #18): dst of entry 1
+    is the dtype's minimum (INT64_MIN: once the C++ handler's "no write"), of entry 2 its
+    maximum, of entry 3 minimum + 1; the read slot of entry 4 is the minimum, of entry 5 the
+    maximum. Each of those entries is invalid (NaN, no write) on every shard."""
+    lo, hi = (int(v) for v in (np.iinfo(cfg.idx).min, np.iinfo(cfg.idx).max))
+    kw = _cross_shard_slots(kw, cfg, shards, cells={(1, 0): lo, (2, 0): hi, (3, 0): lo + 1})
+    sbi = np.asarray(kw["state_batch_indices"]).copy()
+    sbi[4], sbi[5] = lo, hi
+    kw["state_batch_indices"] = jnp.asarray(sbi, cfg.idx)
     return kw
 
 
@@ -238,6 +252,13 @@ CASES = {
                                       kw, cfg, n, pad_rows=[4], cells={
                                           (1, 0): cfg.pad_slot_id, (2, 0): cfg.S + 1,
                                           (4, 0): -9})),
+    "slots_stp_dst1d_extremes": (Cfg(mode="stp", G=2, b=7, dst="1d", S=64, H=2, P=4, N=16),
+                                 (8,), ("m",), {"state": P("m")},
+                                 lambda kw, cfg, rng, n: _extreme_slots(kw, cfg, n)),
+    "slots_stp_dst1d_extremes_x64": (Cfg(mode="stp", G=2, b=7, dst="1d", idx="int64",
+                                         state="bf16", S=64, H=2, P=4, N=16),
+                                     (8,), ("m",), {"state": P("m")},
+                                     lambda kw, cfg, rng, n: _extreme_slots(kw, cfg, n)),
     "slots_mtp_dst2d_cross": (Cfg(mode="mtp", G=2, b=4, T=3, sbi="2d", dst="2d", nacc=True,
                                   state="bf16", inp="bf16", S=256, H=2, P=4, N=16),
                               (8,), ("m",), {"state": P("m")},
@@ -300,8 +321,9 @@ CASES = {
 GATHERS = {"fallback_state_on_P"}
 SMALL_GATHERS = {"fallback_x_on_batch"}
 EXPECT_NAN = {"slots_stp_pads_invalid", "mesh2x4_stp_gslice", "slots_mamba1_i16_inter",
-              "slots_stp_dst1d_cross_i16", "slots_mtp_dst2d_cross", "slots_varlen_dst2d_cross_i16",
-              "slots_mtp_inter_cross_i16"}
+              "slots_stp_dst1d_cross_i16", "slots_stp_dst1d_extremes",
+              "slots_stp_dst1d_extremes_x64", "slots_mtp_dst2d_cross",
+              "slots_varlen_dst2d_cross_i16", "slots_mtp_inter_cross_i16"}
 
 
 def _bits(a):
@@ -468,8 +490,10 @@ def run(name, case=None):
         if g is not None:
             assert g.shape == w.shape and g.dtype == w.dtype, (field, g.shape, w.shape)
             diff = _bits(g) != _bits(w)
-            assert not diff.any(), (f"{name}: {field} differs from the unsharded call at "
-                                    f"{np.argwhere(diff)[:5].tolist()}")
+            assert not diff.any(), (
+                f"{name}: {field} differs from the unsharded call at "
+                f"{np.argwhere(diff)[:5].tolist()}: bits {_bits(g)[diff][:5].tolist()} != "
+                f"{_bits(w)[diff][:5].tolist()}")
     assert np.isnan(np.asarray(want.out, np.float32)).any() == (name in EXPECT_NAN), name
 
     # sharding and buffers of the state (and the other buffers) kept
@@ -722,7 +746,8 @@ def main(argv):
                 SPECIAL[name]()
                 print(f"ok {name}", flush=True)
                 continue
-            colls = run(name)
+            with jax.enable_x64(name.endswith("_x64")):
+                colls = run(name)
         except Exception as e:  # noqa: BLE001 - SHARDING_KEEP_GOING=1: report, go on
             if not KEEP_GOING:
                 raise
