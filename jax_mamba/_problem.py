@@ -1,4 +1,4 @@
-"""Trace-time validation of selective_state_update's arguments (SPEC §2, §3.6) and their
+"""Trace-time validation of selective_state_update's arguments (docs/shapes.md, docs/errors.md) and their
 normalisation into the canonical layout both the FFI kernels and the reference run on:
 
     state (S, H, P, N); x, z, out (nb, T, H, P) or varlen (TT, H, P); dt like x or without P;
@@ -17,6 +17,7 @@ reshape (e.g. with an inserted size-1 head axis) of a donated parameter, so cons
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
 import inspect
@@ -27,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import _contract
+from . import _contract, _doc
 
 ALGORITHMS = ("auto", "simple", "vertical", "horizontal")
 FLOAT_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
@@ -68,6 +69,9 @@ def _check_shape(name, arr, *expected):
 def _as_array(name, v):
     if v is None:
         return None
+    if isinstance(v, (bool, np.bool_)):
+        raise TypeError(f"{name}: expected an array or None, got bool {v!r} (flags such as "
+                        "dt_softplus and disable_state_update are passed by keyword)")
     if not hasattr(v, "shape") or not hasattr(v, "dtype"):
         try:
             v = jnp.asarray(v)
@@ -217,7 +221,15 @@ def seed_words(name, seed):
     return jnp.stack([low, high])
 
 
-# ---- validation, one argument group at a time (SPEC §2, §3.6) ----
+# ---- validation (docs/errors.md) ----
+#
+# Which argument an error names. Sizes and dtypes that several arguments share (the leading
+# batch / step axes, H, P, N, the input dtype, the parameter dtype, the index dtype) are
+# decided by a vote among the arguments that carry them: the most common value wins, a tie goes
+# to the argument listed first (the state, then x, then the FlashInfer order). Each argument is
+# then checked against the decided values in argument order, so one wrong argument is the one
+# named, even when it is the state or x. Where only two arguments share a size (state and
+# state_scale, B and C, the intermediate buffer and its scales) the first is the reference.
 
 def _settings(pad_slot_id, dt_softplus, disable_state_update, philox_rounds, cache_steps,
               algorithm):
@@ -236,6 +248,60 @@ def _settings(pad_slot_id, dt_softplus, disable_state_update, philox_rounds, cac
                     cache_steps, algorithm)
 
 
+def _vote(claims):
+    """claims [(argument, value)] in priority order -> the most common value (ties: the one
+    claimed first)."""
+    counts = collections.Counter(v for _, v in claims)
+    best = max(counts.values())
+    return next(v for _, v in claims if counts[v] == best)
+
+
+def _joined(names):
+    names = list(names)
+    return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
+
+
+def _as_in(claims, value, exclude):
+    """' as in x, A and D': the other arguments that carry the decided value."""
+    names = [n for n, v in claims if v == value and n != exclude]
+    return f" as in {_joined(names)}" if names else ""
+
+
+def _one_dtype(group, claims, allowed, order=None):
+    """Arguments that must share one dtype out of `allowed`: names the first one whose dtype is
+    not allowed, else the first that differs from the majority."""
+    for name, dt in claims:
+        if not any(dt == np.dtype(d) for d in allowed):
+            raise TypeError(f"{name}: expected dtype {_names(allowed)}, got {dt}")
+    if not claims:
+        return None
+    agreed = _vote(order or claims)
+    for name, dt in claims:
+        if dt != agreed:
+            raise TypeError(f"{name}: expected dtype {agreed}{_as_in(claims, agreed, name)} "
+                            f"({group} share one dtype), got {dt}")
+    return agreed
+
+
+def _dtypes(a):
+    """Every dtype rule (state, the input group, the parameter group, A, the index group)."""
+    _check_dtype("state", a["state"], STATE_DTYPES)
+    present = lambda names: [(n, a[n].dtype) for n in names if a[n] is not None]  # noqa: E731
+    _one_dtype("x, B, C, z and out", present(("x", "B", "C", "z", "out")), FLOAT_DTYPES)
+    params = present(("dt", "D", "dt_bias"))
+    # a tie (dt and D differ, no dt_bias) goes to the one with x's dtype
+    order = sorted(params, key=lambda c: c[1] != a["x"].dtype)
+    _one_dtype("dt, D and dt_bias", params, FLOAT_DTYPES, order)
+    if not jnp.issubdtype(a["A"].dtype, jnp.floating):
+        raise TypeError(f"A: expected a floating dtype, got {a['A'].dtype}")
+    _one_dtype("state_batch_indices, dst_state_batch_indices and intermediate_state_indices",
+               present(("state_batch_indices", "dst_state_batch_indices",
+                        "intermediate_state_indices")), INDEX_DTYPES)
+    for name in ("cu_seqlens", "num_accepted_tokens"):
+        if a[name] is not None:
+            _check_dtype(name, a[name], INDEX_DTYPES)
+
+
 @dataclasses.dataclass(frozen=True)
 class _Shape:
     """What validation learns about the layout: state geometry and the call's mode."""
@@ -251,106 +317,156 @@ class _Shape:
     lead: tuple = ()     # leading axes of x in the caller's layout
 
 
-def _state(state):
+def _lead(arr, trailing):
+    return tuple(arr.shape[:arr.ndim - trailing]) if arr.ndim >= trailing else None
+
+
+def _geometry(a) -> _Shape:
+    """Mamba-1 / Mamba-2 from the state's rank; the leading axes (hence the mode, b and T) and
+    H, P, N by vote; then the state, x, dt, A, B, C, D, dt_bias, z and out checked against
+    them, in that order."""
+    state, x, dt, A, B, C, D, bias, cu = (a[n] for n in ("state", "x", "dt", "A", "B", "C", "D",
+                                                          "dt_bias", "cu_seqlens"))
     if state.ndim not in (3, 4):
         raise ValueError(f"state: expected rank 4 (S, H, P, N) or rank 3 (S, P, N), got shape "
                          f"{tuple(state.shape)}")
-    _check_dtype("state", state, STATE_DTYPES)
     heads = state.ndim == 4
-    S, H, P, N = state.shape if heads else (state.shape[0], 1) + tuple(state.shape[1:])
+    k = 2 if heads else 1                       # (H, P) / (P,) after the leading axes of x
+    per_token = [n for n in ("x", "B", "C", "z", "out") if a[n] is not None]
+    lens = (1,) if cu is not None else (1, 2)   # (TT,) | (b,) or (b, T)
+    leads = [(n, _lead(a[n], k)) for n in per_token]
+    votes = [(n, v) for n, v in leads if v is not None and len(v) in lens]
+    hp_names = "H, P" if heads else "P"
+    if not votes:
+        want = ("(total_tokens, " + hp_names + ")" if cu is not None else
+                f"(b, {hp_names}) or (b, T, {hp_names})")
+        raise ValueError(f"x: expected {want}{' with cu_seqlens' if cu is not None else ''} for "
+                         f"a state of shape {tuple(state.shape)}, got {tuple(x.shape)}")
+    lead = _vote(votes)
+    nl = len(lead)
+
+    # H, P, N: every argument of a valid rank claims the sizes it carries
+    H_c, P_c, N_c = [], [], []
+    def claim(name, arr, **axes):  # noqa: E306
+        for key, axis in axes.items():
+            {"H": H_c, "P": P_c, "N": N_c}[key].append((name, arr.shape[axis]))
+    if heads:
+        claim("state", state, H=1, P=2, N=3)
+    else:
+        claim("state", state, P=1, N=2)
+    for n in ("x", "z", "out"):
+        if a[n] is not None and a[n].ndim == nl + k:
+            claim(n, a[n], **(dict(H=-2, P=-1) if heads else dict(P=-1)))
+    if heads and dt.ndim == nl + 1:
+        claim("dt", dt, H=-1)
+    elif dt.ndim == nl + k:
+        claim("dt", dt, **(dict(H=-2, P=-1) if heads else dict(P=-1)))
+    if heads and A.ndim == 1:
+        claim("A", A, H=0)
+    elif heads and A.ndim == 3:
+        claim("A", A, H=0, P=1, N=2)
+    elif not heads and A.ndim == 2:
+        claim("A", A, P=0, N=1)
+    for n in ("B", "C"):
+        if a[n].ndim == nl + (2 if heads else 1):
+            claim(n, a[n], N=-1)
+    for n, arr in (("D", D), ("dt_bias", bias)):
+        if arr is not None and heads and arr.ndim in (1, 2):
+            claim(n, arr, **(dict(H=0) if arr.ndim == 1 else dict(H=0, P=1)))
+        elif arr is not None and not heads and arr.ndim == 1:
+            claim(n, arr, P=0)
+    # (argument, rank, the axis where its (H, P) / (P,) starts)
+    for n, rank, i in (("state_scale", state.ndim - 1, 1),
+                       ("intermediate_states_buffer", state.ndim + 1, 2),
+                       ("intermediate_state_scales", state.ndim, 2)):
+        arr = a[n]
+        if arr is not None and arr.ndim == rank:
+            claim(n, arr, **(dict(H=i, P=i + 1) if heads else dict(P=i)))
+            if n == "intermediate_states_buffer":
+                claim(n, arr, N=-1)
+    H = _vote(H_c) if heads else 1
+    P, N = _vote(P_c), _vote(N_c)
+    hp = (H, P) if heads else (P,)
+    S = state.shape[0]
+
+    # the state
+    want = (S,) + hp + (N,)
+    if tuple(state.shape) != want:
+        why = [f"{key} {v}{_as_in(c, v, 'state')}"
+               for key, got, v, c in (("nheads", state.shape[1] if heads else 1, H, H_c),
+                                      ("dim", state.shape[-2], P, P_c),
+                                      ("dstate", state.shape[-1], N, N_c)) if got != v]
+        raise ValueError(f"state: expected shape {want} ({'; '.join(why)}), got "
+                         f"{tuple(state.shape)}")
     for axis, v in (("nheads (axis 1)", H), ("dim", P), ("dstate (last axis)", N)):
         if v == 0:
             raise ValueError(f"state: {axis} must be at least 1, got shape {tuple(state.shape)}")
-    return _Shape(S, H, P, N, heads, (H, P) if heads else (P,))
 
-
-def _mode(sh: _Shape, state, x, cu):
-    """stp / mtp / varlen from the ranks of x and the presence of cu_seqlens."""
-    _check_dtype("x", x, FLOAT_DTYPES)
+    # x, then the mode
+    if tuple(x.shape) != lead + hp:
+        if cu is not None:
+            raise ValueError(f"x: with cu_seqlens expected shape (total_tokens, "
+                             f"{', '.join(map(str, hp))}) = {lead + hp}, got {tuple(x.shape)}")
+        why = _as_in(votes, lead, "x")
+        raise ValueError(f"x: expected shape {lead + hp}"
+                         f"{f' (leading axes {lead}{why})' if why else ''}, got {tuple(x.shape)}")
     if cu is not None:
-        _check_dtype("cu_seqlens", cu, INDEX_DTYPES)
         if cu.ndim != 1 or cu.shape[0] < 1:
             raise ValueError(f"cu_seqlens: expected shape (num_seqs + 1,), got {tuple(cu.shape)}")
-        if x.ndim != state.ndim - 1:
-            raise ValueError(f"x: with cu_seqlens expected shape (total_tokens, "
-                             f"{', '.join(map(str, sh.hp))}), got {tuple(x.shape)}")
-        mode, nb, T = "varlen", cu.shape[0] - 1, 0
-    elif x.ndim == state.ndim:
-        mode, nb, T = "mtp", x.shape[0], x.shape[1]
-    elif x.ndim == state.ndim - 1:
-        mode, nb, T = "stp", x.shape[0], 1
+        # the number of sequences, by vote with the per-sequence index arrays
+        seqs = [("cu_seqlens", cu.shape[0] - 1)] + [
+            (n, a[n].shape[0]) for n in ("state_batch_indices", "dst_state_batch_indices",
+                                         "intermediate_state_indices", "num_accepted_tokens")
+            if a[n] is not None and a[n].ndim in (1, 2)]
+        NS = _vote(seqs)
+        if NS != cu.shape[0] - 1:
+            raise ValueError(f"cu_seqlens: expected shape ({NS + 1},) ({NS} sequences"
+                             f"{_as_in(seqs, NS, 'cu_seqlens')}), got {tuple(cu.shape)}")
+        mode, nb, T = "varlen", NS, 0
+    elif nl == 2:
+        mode, nb, T = "mtp", lead[0], lead[1]
     else:
-        want = "(b, H, P) or (b, T, H, P)" if sh.heads else "(b, P) or (b, T, P)"
-        raise ValueError(f"x: expected {want} for state of shape {tuple(state.shape)}, got "
-                         f"{tuple(x.shape)}")
-    lead = tuple(x.shape[:x.ndim - len(sh.hp)])
-    if tuple(x.shape[len(lead):]) != sh.hp:
-        raise ValueError(f"x: expected trailing axes {sh.hp} (from state {tuple(state.shape)}), "
-                         f"got shape {tuple(x.shape)}")
-    return dataclasses.replace(sh, mode=mode, nb=nb, T=T, lead=lead)
+        mode, nb, T = "stp", lead[0], 1
+    sh = _Shape(S, H, P, N, heads, hp, mode, nb, T, lead)
 
-
-def _per_token(sh: _Shape, x, dt, B, C, z, out):
-    """dt, B, C, z, out: shaped like x's leading axes; returns ngroups."""
-    _check_dtype("dt", dt, FLOAT_DTYPES)
-    if sh.heads:
-        _check_shape("dt", dt, x.shape, sh.lead + (sh.H,))
+    # dt, A, B, C, D, dt_bias, z, out
+    if heads:
+        _check_shape("dt", dt, lead + hp, lead + (H,))
+        _check_shape("A", A, (H,), (H, P, N))
     else:
-        _check_shape("dt", dt, x.shape)
-    for name, arr in (("B", B), ("C", C)):
-        _check_dtype(name, arr, (x.dtype,))
-        if sh.heads:
-            n = len(sh.lead)
-            if arr.ndim != n + 2 or tuple(arr.shape[:n]) != sh.lead or arr.shape[-1] != sh.N:
-                raise ValueError(f"{name}: expected shape {sh.lead + ('G', sh.N)}, got "
-                                 f"{tuple(arr.shape)}")
-        else:
-            _check_shape(name, arr, sh.lead + (sh.N,))
-    if C.shape != B.shape:
-        raise ValueError(f"C: expected the shape of B {tuple(B.shape)}, got {tuple(C.shape)}")
-    G = B.shape[-2] if sh.heads else 1
-    if G == 0:
-        raise ValueError(f"B: ngroups (axis -2) must be at least 1, got shape {tuple(B.shape)}")
-    if sh.H % G:
-        raise ValueError(f"B: ngroups (axis -2) must divide nheads={sh.H}, got ngroups={G}")
-    for name, arr in (("z", z), ("out", out)):
-        if arr is not None:
-            _check_dtype(name, arr, (x.dtype,))
-            _check_shape(name, arr, x.shape)
-    return G
-
-
-def _parameters(sh: _Shape, A, D, dt_bias, dt):
-    """A (any float), D and dt_bias (dt's dtype): per head or per element."""
-    if not jnp.issubdtype(A.dtype, jnp.floating):
-        raise TypeError(f"A: expected a floating dtype, got {A.dtype}")
-    if sh.heads:
-        _check_shape("A", A, (sh.H,), (sh.H, sh.P, sh.N))
-    else:
-        _check_shape("A", A, (sh.P, sh.N))
-    for name, arr in (("D", D), ("dt_bias", dt_bias)):
-        if arr is None:
+        _check_shape("dt", dt, lead + hp)
+        _check_shape("A", A, (P, N))
+    for name in ("B", "C"):
+        arr = a[name]
+        if not heads:
+            _check_shape(name, arr, lead + (N,))
             continue
-        _check_dtype(name, arr, (dt.dtype,))
-        if sh.heads:
-            _check_shape(name, arr, (sh.H,), (sh.H, sh.P))
-        else:
-            _check_shape(name, arr, (sh.P,))
+        if arr.ndim != nl + 2 or tuple(arr.shape[:nl]) != lead or arr.shape[-1] != N:
+            raise ValueError(f"{name}: expected shape {lead + ('G', N)}, got {tuple(arr.shape)}")
+        G = arr.shape[-2]
+        if G == 0:
+            raise ValueError(f"{name}: ngroups (axis -2) must be at least 1, got shape "
+                             f"{tuple(arr.shape)}")
+        if H % G:
+            raise ValueError(f"{name}: ngroups (axis -2) must divide nheads={H}, got "
+                             f"ngroups={G} (shape {tuple(arr.shape)})")
+    if C.shape != B.shape:
+        raise ValueError(f"C: expected the shape of B {tuple(B.shape)} (B and C share ngroups), "
+                         f"got {tuple(C.shape)}")
+    for name, arr in (("D", D), ("dt_bias", bias)):
+        if arr is not None:
+            _check_shape(name, arr, *(((H,), (H, P)) if heads else ((P,),)))
+    for name in ("z", "out"):
+        if a[name] is not None:
+            _check_shape(name, a[name], lead + hp)
+    return sh
 
 
 def _indices(sh: _Shape, st: Settings, sbi, dst, inter_idx, nacc):
-    """Index arrays: one dtype, widths, pad_slot_id in range, num_accepted_tokens' needs."""
-    idx_dtype = None
-    for name, arr in (("state_batch_indices", sbi), ("dst_state_batch_indices", dst),
-                      ("intermediate_state_indices", inter_idx)):
-        if arr is None:
-            continue
-        _check_dtype(name, arr, INDEX_DTYPES)
-        if idx_dtype is None:
-            idx_dtype = (name, arr.dtype)
-        elif arr.dtype != idx_dtype[1]:
-            raise TypeError(f"{name}: expected the dtype of {idx_dtype[0]} ({idx_dtype[1]}), "
-                            f"got {arr.dtype}")
+    """Index arrays (their dtypes checked by _dtypes): widths, pad_slot_id in range,
+    num_accepted_tokens' needs."""
+    given = [arr for arr in (sbi, dst, inter_idx) if arr is not None]
+    idx_dtype = given[0].dtype if given else None
     nb, T = sh.nb, sh.T
     for name, arr in (("state_batch_indices", sbi), ("dst_state_batch_indices", dst)):
         if arr is None:
@@ -363,9 +479,9 @@ def _indices(sh: _Shape, st: Settings, sbi, dst, inter_idx, nacc):
         if sh.mode == "mtp" and arr.ndim == 2 and arr.shape[1] < T:
             raise ValueError(f"{name}: expected a 2-D index array of width K >= T={T}, got "
                              f"shape {tuple(arr.shape)}")
-    lo, hi = _INT_RANGE[np.dtype(idx_dtype[1] if idx_dtype else np.int64)]
+    lo, hi = _INT_RANGE[np.dtype(idx_dtype if idx_dtype else np.int64)]
     if not lo <= st.pad_slot_id <= hi:
-        what = f"the range of the index dtype {idx_dtype[1]}" if idx_dtype else "int64"
+        what = f"the range of the index dtype {idx_dtype}" if idx_dtype else "int64"
         raise ValueError(f"pad_slot_id: expected a value within {what} [{lo}, {hi}], got "
                          f"{st.pad_slot_id}")
     if sbi is None and nb > sh.S:
@@ -375,7 +491,6 @@ def _indices(sh: _Shape, st: Settings, sbi, dst, inter_idx, nacc):
         if sbi is None or sbi.ndim != 2:
             raise ValueError("num_accepted_tokens: requires a 2-D state_batch_indices, got "
                              + ("None" if sbi is None else f"shape {tuple(sbi.shape)}"))
-        _check_dtype("num_accepted_tokens", nacc, INDEX_DTYPES)
         _check_shape("num_accepted_tokens", nacc, (nb,))
 
 
@@ -478,9 +593,8 @@ def build_problem(**args):
     for name in _contract.REQUIRED:
         _required(name, args[name])
     a = {name: _as_array(name, args[name]) for name in _ARRAYS}
-    sh = _mode(_state(a["state"]), a["state"], a["x"], a["cu_seqlens"])
-    _per_token(sh, a["x"], a["dt"], a["B"], a["C"], a["z"], a["out"])
-    _parameters(sh, a["A"], a["D"], a["dt_bias"], a["dt"])
+    _dtypes(a)
+    sh = _geometry(a)
     _indices(sh, st, a["state_batch_indices"], a["dst_state_batch_indices"],
              a["intermediate_state_indices"], a["num_accepted_tokens"])
     _state_scale(sh, a["state"], a["state_scale"])
@@ -513,16 +627,38 @@ SIGNATURE = tuple((name, None if p.default is inspect.Parameter.empty else p.def
                   for name, p in inspect.signature(_signature_template).parameters.items())
 
 
+_POSITIONAL_ONLY_USUAL = 7  # state, x, dt, A, B, C, D: the arguments usually passed by position
+
+
+def _positional_note(e, n_positional):
+    """The error again, saying so when the argument it names was passed by position beyond D
+    (a shifted positional argument, e.g. a flag, lands in z or dt_bias); None otherwise."""
+    msg = str(e)
+    names = [n for n, _ in SIGNATURE[_POSITIONAL_ONLY_USUAL:n_positional]]
+    for i, name in enumerate(names, _POSITIONAL_ONLY_USUAL + 1):
+        if msg.startswith(name + ":"):
+            return type(e)(f"{name} (passed as positional argument {i}; arguments after D are "
+                           f"best passed by keyword):{msg[len(name) + 1:]}")
+    return None
+
+
 def public_function(run, module, doc):
     """The public function: THE signature, validation and canonicalisation, then
-    `run(problem, restore)`."""
+    `run(problem, restore)`; its docstring is `doc` followed by the documentation of every
+    argument (_doc.ARGUMENTS)."""
     @functools.wraps(_signature_template)
     def selective_state_update(*args, **kwargs):
-        pb, restore = build_problem(**_signature_template(*args, **kwargs))
+        try:
+            pb, restore = build_problem(**_signature_template(*args, **kwargs))
+        except (TypeError, ValueError) as e:
+            named = _positional_note(e, len(args))
+            if named is None:
+                raise
+            raise named from None
         return run(pb, restore)
 
     selective_state_update.__module__ = module
     selective_state_update.__qualname__ = selective_state_update.__name__ = "selective_state_update"
-    selective_state_update.__doc__ = doc
+    selective_state_update.__doc__ = doc.rstrip() + "\n\n" + _doc.ARGUMENTS
     selective_state_update.__annotations__ = {"return": SSUResult}
     return selective_state_update

@@ -1,4 +1,5 @@
-"""Trace-time errors (SPEC §3.6): the right exception, naming the argument, expected and given."""
+"""Trace-time errors (docs/errors.md): the right exception, naming the argument that is wrong,
+what was expected and what was given."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -6,6 +7,7 @@ import pytest
 
 import jax_mamba
 from cases import Cfg, make_case
+from conftest import x64
 
 f32, bf16, f16, i16, i32 = jnp.float32, jnp.bfloat16, jnp.float16, jnp.int16, jnp.int32
 
@@ -154,3 +156,154 @@ def test_algorithm_rules_for_cuda(algorithm, N, state, ok, monkeypatch):
             lower("cuda")
         msg = str(info.value)
         assert algorithm in msg and "expected" in msg and f"dstate={N}" in msg, msg
+
+
+# ---- the argument named is the argument that is wrong (issue #15 item 4) ----
+
+def test_wrong_group_count_in_B_names_B():
+    kw = base()                                   # H 4, G 2: B with 3 groups cannot be right
+    kw["B"] = z((3, 3, 16))
+    with pytest.raises(ValueError, match=r"^B: ngroups \(axis -2\) must divide nheads=4, got "
+                                         r"ngroups=3"):
+        jax_mamba.selective_state_update(**kw)
+
+
+def test_C_disagreeing_with_B_names_C():
+    kw = base()                                   # both 1 and 2 groups divide H 4: B decides
+    kw["C"] = z((3, 1, 16))
+    with pytest.raises(ValueError, match=r"^C: expected the shape of B \(3, 2, 16\)"):
+        jax_mamba.selective_state_update(**kw)
+
+
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_dt_in_another_dtype_than_the_parameters_names_dt(with_bias):
+    kw = base(bias=with_bias)                     # x, D (and dt_bias) float32
+    kw["dt"] = kw["dt"].astype(bf16)
+    with pytest.raises(TypeError, match=r"^dt: expected dtype float32 as in D"):
+        jax_mamba.selective_state_update(**kw)
+
+
+def test_flag_passed_positionally_names_z_and_says_so():
+    kw = base()
+    args = [kw.pop(n) for n in ("state", "x", "dt", "A", "B", "C", "D")]
+    kw.pop("dt_softplus")
+    with pytest.raises(TypeError) as info:
+        jax_mamba.selective_state_update(*args, True, **kw)
+    msg = str(info.value)
+    assert msg.startswith("z (passed as positional argument 8;"), msg
+    assert "got bool True" in msg and "keyword" in msg, msg
+
+
+def test_positional_optional_argument_is_marked_in_any_error():
+    kw = base(bias=True)                          # dt_bias given where z goes: (4,) is no z
+    args = [kw.pop(n) for n in ("state", "x", "dt", "A", "B", "C", "D")]
+    bias = kw.pop("dt_bias")
+    with pytest.raises(ValueError, match=r"^z \(passed as positional argument 8; .*\): "
+                                         r"expected shape \(3, 4, 8\), got \(4,\)"):
+        jax_mamba.selective_state_update(*args, bias, **kw)
+
+
+# Base configurations in which every argument is present (tests/cases.py Cfg fields).
+FULL = dict(z=True, bias=True)
+CONFIGS = {
+    "stp": FULL,
+    "dst": dict(FULL, dst="1d"),
+    "int16": dict(FULL, state="i16"),
+    "inter": dict(FULL, mode="mtp", inter="idx", state="i16"),
+    "varlen": dict(FULL, mode="varlen", inter="idx"),
+    "nacc": dict(FULL, mode="mtp", sbi="2d", nacc=True),
+    "seed": dict(FULL, state="f16", sr=True),
+}
+# argument -> (configuration, a wrong dtype, the axes whose size is free to differ)
+ARGUMENTS = {
+    "state": ("stp", i32, {0}),                   # any number of slots
+    "x": ("stp", bf16, set()),
+    "dt": ("stp", bf16, set()),
+    "A": ("stp", i32, set()),
+    "B": ("stp", bf16, set()),
+    "C": ("stp", bf16, set()),
+    "D": ("stp", bf16, set()),
+    "z": ("stp", bf16, set()),
+    "dt_bias": ("stp", bf16, set()),
+    "state_batch_indices": ("stp", f32, set()),
+    "out": ("stp", bf16, set()),
+    "dst_state_batch_indices": ("dst", f32, set()),
+    "state_scale": ("int16", bf16, set()),
+    "intermediate_states_buffer": ("inter", bf16, {0, 1}),   # rows; steps >= T
+    "intermediate_state_indices": ("inter", f32, set()),
+    "intermediate_state_scales": ("inter", bf16, set()),
+    "cu_seqlens": ("varlen", f32, set()),
+    "num_accepted_tokens": ("nacc", f32, set()),
+}
+
+
+def _mutations():
+    for name, (cfg, bad_dtype, free) in ARGUMENTS.items():
+        shape = tuple(base(**CONFIGS[cfg])[name].shape)
+        yield name, cfg, "dtype", ("dtype", bad_dtype)
+        yield name, cfg, "rank+1", ("shape", shape + (1,))
+        if len(shape) > 1:
+            yield name, cfg, "rank-1", ("shape", shape[:-1])
+        for axis in range(len(shape)):
+            if axis not in free:
+                grown = shape[:axis] + (shape[axis] + 1,) + shape[axis + 1:]
+                yield name, cfg, f"size{axis}", ("shape", grown)
+
+
+MUTATIONS = list(_mutations())
+# edits that give another valid form: a 2-D index array of width K = 1 >= T in STP, and the
+# (S, H, P, 1) form of state_scale
+VALID = {("state_batch_indices", "rank+1"), ("dst_state_batch_indices", "rank+1"),
+         ("state_scale", "rank+1")}
+
+
+@pytest.mark.parametrize("name,cfg,kind,edit", MUTATIONS,
+                         ids=[f"{m[0]}-{m[1]}-{m[2]}" for m in MUTATIONS])
+def test_every_wrong_argument_is_the_one_named(name, cfg, kind, edit):
+    kw = base(**CONFIGS[cfg])
+    jax_mamba.reference.selective_state_update(**kw)          # the unedited call is valid
+    arr = kw[name]
+    what, v = edit
+    kw[name] = arr.astype(v) if what == "dtype" else jnp.zeros(v, arr.dtype)
+    if (name, kind) in VALID:
+        jax_mamba.reference.selective_state_update(**kw)
+        return
+    with pytest.raises((TypeError, ValueError)) as info:
+        jax_mamba.reference.selective_state_update(**kw)
+    msg = str(info.value)
+    assert msg.startswith(name + ":"), f"{name} {kind} {v}: {msg}"
+
+
+@pytest.mark.parametrize("odd,others,dtype", [
+    ("x", ("B", "C"), bf16),                      # x is the one that differs from B and C
+    ("B", ("x", "C"), bf16),
+    ("D", ("dt", "dt_bias"), bf16),
+    ("dt_bias", ("dt", "D"), f16),
+])
+def test_the_odd_dtype_out_is_named(odd, others, dtype):
+    kw = base(bias=True)
+    kw[odd] = kw[odd].astype(dtype)
+    with pytest.raises(TypeError, match=rf"^{odd}: expected dtype float32 as in "
+                                        rf"{others[0]}.*{others[1]}.*got {np.dtype(dtype).name}"):
+        jax_mamba.selective_state_update(**kw)
+
+
+@pytest.mark.parametrize("changed", ["state_batch_indices", "dst_state_batch_indices"])
+def test_index_dtypes_follow_state_batch_indices(changed):
+    """At most two of the three index arrays meet in one call (dst excludes the intermediate
+    buffer): a tie, which state_batch_indices decides."""
+    with x64():
+        kw = base(dst="1d")
+        kw[changed] = kw[changed].astype(jnp.int64)
+        want = "int64" if changed == "state_batch_indices" else "int32"
+        with pytest.raises(TypeError, match=rf"^dst_state_batch_indices: expected dtype {want} "
+                                            r"as in state_batch_indices"):
+            jax_mamba.selective_state_update(**kw)
+
+
+def test_rand_seed_is_named():
+    kw = base(**CONFIGS["seed"])
+    for bad, exc in ((jnp.float32(1), TypeError), (jnp.zeros((3,), i32), ValueError),
+                     (jnp.zeros((2, 2), i32), ValueError)):
+        with pytest.raises(exc, match="^rand_seed:"):
+            jax_mamba.selective_state_update(**dict(kw, rand_seed=bad))

@@ -88,10 +88,11 @@ def test_absent_optional_operands_are_none():
         assert getattr(pb, name) is None, name
 
 
-def test_groups_are_validated_in_order():
-    """The first bad group is reported: a bad state before a bad x."""
+def test_the_state_is_named_when_the_others_agree():
+    """A state missing its last axis is read as a 3-D (Mamba-1) state; B and C still carry
+    dstate 16, so the state (not x, which no longer fits either) is the argument named."""
     kw = make_case(Cfg(), np.random.default_rng(0))
     kw["state"] = kw["state"][..., 0]
     kw["x"] = kw["x"][:, 0]
-    with pytest.raises(ValueError, match="^x: expected"):
-        jax_mamba.selective_state_update(**kw)  # a 3-D state is Mamba-1: x no longer fits
+    with pytest.raises(ValueError, match=r"^state: expected .*dstate 16 as in B and C"):
+        jax_mamba.selective_state_update(**kw)
