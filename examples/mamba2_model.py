@@ -79,7 +79,7 @@ def _rms(x, weight, eps, group=None):
 
 
 def _softplus(v):
-    """softplus as the SSU defines it (SPEC §3): log1p(exp(v)) for v <= 20, else v."""
+    """softplus as the SSU defines it (docs/semantics.md): log1p(exp(v)) for v <= 20, else v."""
     return jnp.where(v <= 20.0, jnp.log1p(jnp.exp(jnp.minimum(v, 20.0))), v)
 
 

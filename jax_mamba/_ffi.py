@@ -12,7 +12,7 @@ except ImportError as _e:  # the source tree without its compiled modules (e.g. 
         "scikit-build-core and nanobind for --no-build-isolation), or build in-tree as "
         "scripts/gpu_session.sh does.") from _e
 
-from ._contract import TARGET  # noqa: E402
+from ._contract import TARGET  # noqa: E402, F401 (the target name, re-exported)
 
 try:
     from . import _cuda  # built only when nvcc was found at install time
@@ -35,7 +35,7 @@ MISSING_CUDA = ("jax_mamba was built without CUDA (nvcc was not found at install
 
 
 def require_handler(platform: str):
-    """SPEC §6: lowering for a GPU without the CUDA module fails clearly at trace time (the
+    """Lowering for a GPU without the CUDA module fails clearly at trace time (the
     registered fallback handler still catches what this cannot see, e.g. a later transfer)."""
     if platform in ("gpu", "cuda") and not HAS_CUDA:
         raise RuntimeError(f"{MISSING_CUDA} (computation targets platform {platform!r})")

@@ -1,5 +1,6 @@
-"""Opt-in checked mode (SPEC §3.2): the kernels turn invalid runtime indices into NaN outputs
-and skipped writes; for debugging a serving loop these helpers raise a readable error instead.
+"""Opt-in checked mode (docs/semantics.md, "Invalid runtime data"): the kernels turn invalid
+runtime indices into NaN outputs and skipped writes; for debugging a serving loop these helpers
+raise a readable error instead.
 
     ssu = jax_mamba.checked_selective_state_update if DEBUG else jax_mamba.selective_state_update
 

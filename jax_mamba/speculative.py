@@ -16,7 +16,7 @@ vLLM style (a slot per draft position, no copy):
   the verify call takes a 2-D slot table ``(b, K)`` as ``state_batch_indices`` and as
   ``dst_state_batch_indices``: the state after step t goes to ``table[b, t]``. The state after
   n accepted tokens is then in ``table[b, n - 1]`` (``accepted_state_slots``), and the next call
-  passes the same table with ``num_accepted_tokens=n`` to read from it (SPEC §3: the read slot
+  passes the same table with ``num_accepted_tokens=n`` to read from it (docs/semantics.md: the read slot
   is ``table[b, max(n - 1, 0)]``). Varlen batches (``cu_seqlens``, one row of the table per
   sequence, sequences of different draft lengths) work the same way; ``cu_seqlens_from_lengths``
   builds the offsets. ``copy_states`` moves an accepted state to another slot if wanted.
@@ -89,7 +89,7 @@ def commit_accepted_states(state, intermediate_states, num_accepted_tokens,
     Only the accepted entries' states move (a gather of b rows and a scatter into b slots);
     entries with n = 0, a padded or out-of-range slot / row, or n > T write nothing. The copy
     is bit-exact, so the committed state is exactly what the verification computed after n
-    steps, i.e. what n single-token calls compute from the same state (SPEC §3: the state is
+    steps, i.e. what n single-token calls compute from the same state (docs/semantics.md: the state is
     fp32 across steps and rounded only when stored). Returns ``CommitResult(state,
     state_scale)``.
     """
@@ -143,7 +143,7 @@ def accepted_state_slots(dst_state_batch_indices, num_accepted_tokens):
     ``dst_state_batch_indices[b, t]`` (2-D), the state after ``n = num_accepted_tokens[b] >= 1``
     accepted tokens is in ``dst[b, n - 1]``; this returns those slots ``(b,)``. It is the slot a
     later call reads when given ``state_batch_indices=dst`` and ``num_accepted_tokens=n``
-    (``max(n - 1, 0)``, as in SPEC §3).
+    (``max(n - 1, 0)``, as docs/semantics.md says).
     """
     dst = jnp.asarray(dst_state_batch_indices)
     n = jnp.asarray(num_accepted_tokens).astype(jnp.int32)

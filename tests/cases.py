@@ -53,7 +53,6 @@ def make_case(cfg: Cfg, rng):
     """Keyword arguments for selective_state_update drawn from `rng` for configuration `cfg`."""
     S, H, P, N, G, b, T = cfg.S, cfg.H, cfg.P, cfg.N, cfg.G, cfg.b, cfg.T
     hp = (H, P) if cfg.heads else (P,)
-    st_dt = DTYPES[cfg.state]
     kw = {}
     if cfg.state == "i16":
         kw["state"] = jnp.asarray(rng.integers(-32767, 32768, (S,) + hp + (N,)), jnp.int16)

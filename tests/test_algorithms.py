@@ -1,4 +1,4 @@
-"""Every CUDA kernel strategy (SPEC §3.5) against the float64 oracle at model-like sizes.
+"""Every CUDA kernel strategy (`algorithm`, docs/shapes.md) against the float64 oracle at model-like sizes.
 
 GPU only (on the CPU `algorithm` is validated and ignored: test_errors.py). An explicit
 strategy either runs a configuration correctly or raises ValueError at trace time; the common

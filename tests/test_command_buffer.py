@@ -1,5 +1,5 @@
 """XLA command buffers (CUDA graphs): a jitted chain of calls is captured into a
-kCommandBuffer thunk and its results are right (SPEC §4). GPU only; runs in a subprocess so
+kCommandBuffer thunk and its results are right (docs/jax.md). GPU only; runs in a subprocess so
 XLA_FLAGS can ask for a dump."""
 import glob
 import os

@@ -4,7 +4,6 @@ that is not empty)."""
 import dataclasses
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 

@@ -45,7 +45,7 @@ def test_gpu_without_cuda_module_fails_when_lowering_for_cuda(monkeypatch):
 
 def test_cpu_placement_on_any_host_ignores_cuda_strategy_limits():
     """Inside jit under jax.default_device(cpu) (even on a GPU host) an algorithm the CUDA
-    kernels refuse is validated and ignored, as SPEC §3.5 says for the CPU."""
+    kernels refuse is validated and ignored, as docs/errors.md says for the CPU."""
     kw, static = split_static(make_case(Cfg(N=12, state="bf16", inp="bf16", w="bf16"),
                                         np.random.default_rng(0)))
     static["algorithm"] = "vertical"  # CUDA: dstate=12 is not whole 16-byte bf16 vectors

@@ -1,4 +1,4 @@
-"""In-place updates (SPEC §4): aliasing + donation leave no copy of any aliased buffer."""
+"""In-place updates (docs/jax.md): aliasing + donation leave no copy of any aliased buffer."""
 import re
 
 import jax

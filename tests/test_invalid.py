@@ -1,8 +1,7 @@
-"""Invalid runtime data (SPEC §3.2): no out-of-bounds access, no other slot touched, NaN
-outputs for exactly the affected entries (checked against the oracle, which applies §3.2)."""
+"""Invalid runtime data (docs/semantics.md): no out-of-bounds access, no other slot touched, NaN
+outputs for exactly the affected entries (checked against the oracle, which applies those rules)."""
 import dataclasses
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -103,7 +102,7 @@ def test_invalid(over, corrupt, impl, device):
     fn = jax_mamba.selective_state_update if impl == "ffi" else jax_mamba.reference.selective_state_update
     res = fn(**kw)
     want = check(cfg, kw, res)
-    # unused indices are not checked (SPEC §3.2): dst under disable_state_update, unread columns
+    # unused indices are not checked (docs/semantics.md): dst under disable_state_update, unread columns
     unused = corrupt is unread_columns_ignored or cfg.disable
     assert np.isnan(want["out"]).any() != unused
 

@@ -283,7 +283,7 @@ def test_every_grid_case_is_well_formed():
             kw = spoil(make_case(cfg, np.random.default_rng(zlib.crc32(name.encode()))), cfg,
                        special)
             arrays, static = split_static({**kw, **extra})
-            shapes = jax.eval_shape(lambda a: jax_mamba.selective_state_update(**a, **static),
+            shapes = jax.eval_shape(lambda a, st=static: jax_mamba.selective_state_update(**a, **st),
                                     arrays)
         assert shapes.out is None or shapes.out.shape == kw["x"].shape, name
 

@@ -14,7 +14,7 @@ BASE = Cfg()
 
 
 def _cases():
-    """(id, Cfg): each SPEC option varied in every mode, plus dtype/index grids."""
+    """(id, Cfg): each option varied in every mode, plus dtype/index grids."""
     out = []
     for mode in ("stp", "mtp", "varlen"):
         m = dataclasses.replace(BASE, mode=mode, S=40)

@@ -1,7 +1,5 @@
 """Hypothesis: random small configurations and options; FFI handler, jnp reference and the
 float64 oracle must agree (every draw is a new shape, hence a new compile: few examples)."""
-import dataclasses
-
 import numpy as np
 from hypothesis import HealthCheck, given, settings, strategies as st
 

@@ -1,6 +1,4 @@
-"""Stochastic rounding (SPEC §3.4) and the shared Philox / int16 math."""
-import dataclasses
-
+"""Stochastic rounding (docs/semantics.md) and the shared Philox / int16 math."""
 import jax
 import jax.numpy as jnp
 import numpy as np
