@@ -33,16 +33,19 @@ from mamba2_model import (Mamba2Config, add_model_arguments, backend, init_model
 
 
 def parse_args(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_model_arguments(ap, layers=4, d_model=256, d_state=64, vocab=512)
-    ap.add_argument("--expand", type=int, default=2)
-    ap.add_argument("--chunk-size", type=int, default=16)
+    ap.add_argument("--expand", type=int, default=2, help="inner width = expand * d_model")
+    ap.add_argument("--chunk-size", type=int, default=16,
+                    help="chunk length of the full-sequence forward (chunked SSD)")
     ap.add_argument("--slots", type=int, default=16, help="cache slots (>= batch)")
-    ap.add_argument("--prompt-len", type=int, default=24)
-    ap.add_argument("--new-tokens", type=int, default=32)
+    ap.add_argument("--prompt-len", type=int, default=24, help="prompt tokens per sequence")
+    ap.add_argument("--new-tokens", type=int, default=32, help="tokens generated per sequence")
     ap.add_argument("--state-dtype", choices=["float32", "bfloat16", "float16"],
-                    default="float32")
-    ap.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+                    default="float32", help="dtype of the SSM state cache")
+    ap.add_argument("--temperature", type=float, default=0.0,
+                    help="sampling temperature (0: greedy)")
     a = ap.parse_args(argv)
     if a.slots < a.batch:
         ap.error("--slots must be >= --batch")

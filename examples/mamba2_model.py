@@ -341,14 +341,20 @@ def backend(name):
 
 def add_model_arguments(ap, *, layers, d_model, d_state, vocab, headdim=32, ngroups=1,
                         batch=4, seed=0):
-    """The command-line options both examples share (model size, backend, batch, seed)."""
+    """The command-line options both examples share (model size, backend, batch, seed). Make
+    the parser with formatter_class=argparse.ArgumentDefaultsHelpFormatter so that --help shows
+    the defaults."""
     ap.add_argument("--backend", choices=["kernel", "reference"], default="kernel",
-                    help="SSM step of the decoding loop (the checks run both where noted)")
-    ap.add_argument("--layers", type=int, default=layers)
-    ap.add_argument("--d-model", type=int, default=d_model)
-    ap.add_argument("--d-state", type=int, default=d_state)
-    ap.add_argument("--headdim", type=int, default=headdim)
-    ap.add_argument("--ngroups", type=int, default=ngroups)
-    ap.add_argument("--vocab", type=int, default=vocab)
-    ap.add_argument("--batch", type=int, default=batch)
-    ap.add_argument("--seed", type=int, default=seed)
+                    help="SSM step of the decoding loop: jax_mamba.selective_state_update "
+                         "(kernel) or jax_mamba.reference (the checks run both where noted)")
+    ap.add_argument("--layers", type=int, default=layers, help="Mamba-2 layers")
+    ap.add_argument("--d-model", type=int, default=d_model, help="model (residual) width")
+    ap.add_argument("--d-state", type=int, default=d_state, help="N, SSM state size per row")
+    ap.add_argument("--headdim", type=int, default=headdim,
+                    help="P, head dimension (heads H = expand * d_model / headdim, expand 2 "
+                         "unless set)")
+    ap.add_argument("--ngroups", type=int, default=ngroups,
+                    help="G, groups of B and C (must divide the number of heads)")
+    ap.add_argument("--vocab", type=int, default=vocab, help="vocabulary size")
+    ap.add_argument("--batch", type=int, default=batch, help="sequences decoded together")
+    ap.add_argument("--seed", type=int, default=seed, help="seed of the weights and prompts")

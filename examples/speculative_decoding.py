@@ -47,14 +47,16 @@ from mamba2_model import (Mamba2Config, add_model_arguments, backend, init_model
 
 
 def parse_args(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_model_arguments(ap, layers=2, d_model=128, d_state=32, vocab=256)
-    ap.add_argument("--prompt-len", type=int, default=16)
+    ap.add_argument("--prompt-len", type=int, default=16, help="prompt tokens per sequence")
     ap.add_argument("--draft-tokens", type=int, default=4, help="K drafts per round")
-    ap.add_argument("--draft-context", type=int, default=8)
+    ap.add_argument("--draft-context", type=int, default=8,
+                    help="tokens the draft model reads (the last ones)")
     ap.add_argument("--noise", type=float, default=0.05,
                     help="relative weight perturbation of the draft model")
-    ap.add_argument("--rounds", type=int, default=12)
+    ap.add_argument("--rounds", type=int, default=12, help="speculative rounds")
     a = ap.parse_args(argv)
     if a.prompt_len < max(a.draft_context, 2):
         ap.error("--prompt-len must be >= max(--draft-context, 2)")

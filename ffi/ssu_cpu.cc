@@ -311,8 +311,10 @@ XLA_FFI_DEFINE_HANDLER(kSsuCpu, SsuCpu, bind_ssu(ffi::Ffi::Bind().Ctx<ffi::Threa
 // touches no buffer, and reports why.
 ffi::Error MissingCuda(ffi::RemainingArgs, ffi::RemainingRets, ffi::Dictionary) {  // any frame
   return ffi::Error(ffi::ErrorCode::kUnimplemented,
-                    "jax_mamba was built without CUDA (nvcc was not found at install time); "
-                    "reinstall with nvcc on PATH, or run on the CPU / use jax_mamba.reference");
+                    "jax_mamba was built without CUDA (at install time JAX_MAMBA_CUDA=AUTO found "
+                    "no nvcc or no NVIDIA driver, or JAX_MAMBA_CUDA=OFF); reinstall with nvcc "
+                    "on PATH and JAX_MAMBA_CUDA=ON (docs/install.md), or run on the CPU / use "
+                    "jax_mamba.reference");
 }
 XLA_FFI_DEFINE_HANDLER(kMissingCuda, MissingCuda,
                        ffi::Ffi::Bind().RemainingArgs().RemainingRets().Attrs());

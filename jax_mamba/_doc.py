@@ -44,9 +44,9 @@ Args:
   pad_slot_id: Python int, default -1. An entry whose read slot equals it reads zeros, writes
     its output and nothing else; a dst or intermediate index equal to it skips that write. Any
     value in the index dtype's range; slot 0 is an ordinary slot.
-  state_scale: (S, H, P) or (S, H, P, 1) (Mamba-1 (S, P) or (S, P, 1)) float32: the per-row
-    scales of an int16 state (value = q * scale); required with an int16 state, refused
-    otherwise. Updated in place.
+  state_scale: (S, H, P) or (S, H, P, 1) (Mamba-1 (S, P) or (S, P, 1)) float32, or None
+    (default): the per-row scales of an int16 state (value = q * scale); required with an
+    int16 state, refused otherwise. Updated in place.
   out: like x, x's dtype, or None (default). When given, the output is written into it in place
     and returned as SSUResult.out; otherwise a new array.
   disable_state_update: Python bool, default False: write neither the state nor the dst slots
@@ -57,8 +57,8 @@ Args:
     unless disable_state_update. Not combinable with dst_state_batch_indices. Updated in place.
   intermediate_state_indices: (b,) (varlen (NS,)), the index dtype, or None (default: row b,
     needs I >= b).
-  intermediate_state_scales: (I, CS, H, P) float32: the scales of an int16 buffer; required with
-    one, refused otherwise. Updated in place.
+  intermediate_state_scales: (I, CS, H, P) (Mamba-1 (I, CS, P)) float32, or None (default):
+    the scales of an int16 buffer; required with one, refused otherwise. Updated in place.
   rand_seed: None (default: round to nearest even) or a seed for stochastic rounding of a
     float16 or bfloat16 state: a Python int, an integer scalar or 1-element array (may be
     traced: read on the device, no recompile), a raw uint32 (2,) key or a typed JAX PRNG key.

@@ -30,8 +30,10 @@ _gpu = _cuda.registrations() if HAS_CUDA else _cpu.missing_cuda_registrations()
 for _name, _capsule in _gpu.items():
     jax.ffi.register_ffi_target(_name, _capsule, platform="CUDA")
 
-MISSING_CUDA = ("jax_mamba was built without CUDA (nvcc was not found at install time); "
-                "reinstall with nvcc on PATH, or run on the CPU / use jax_mamba.reference")
+MISSING_CUDA = ("jax_mamba was built without CUDA (at install time JAX_MAMBA_CUDA=AUTO found no "
+                "nvcc or no NVIDIA driver, or JAX_MAMBA_CUDA=OFF); reinstall with nvcc on PATH "
+                "and JAX_MAMBA_CUDA=ON (docs/install.md), or run on the CPU / use "
+                "jax_mamba.reference")
 
 
 def require_handler(platform: str):
