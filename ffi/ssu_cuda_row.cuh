@@ -11,7 +11,7 @@
 //
 // Every CTA works on one (entry, head, row chunk): entry = batch row or varlen sequence, so
 // resolve_entry (ssu_params.h) runs uniformly per CTA on device-resident indices.
-// Varlen (SPEC §3.2): a valid sequence owns its rows of `out` alone (overlapping sequences are
+// Varlen (docs/semantics.md, "Invalid runtime data"): a valid sequence owns its rows of `out` alone (overlapping sequences are
 // both invalid, resolve_entry), so CTAs never write the same row with different values; rows
 // no sequence owns are zeroed by extra "zero" CTAs.
 #pragma once
@@ -252,7 +252,7 @@ __device__ __forceinline__ StoreCtx store_ctx(const Params& p, bool sr_dtype) {
 // CTA prologue: grid decomposition, varlen coverage, zero fill, invalid entries
 // ---------------------------------------------------------------------------------------------
 
-// Rows of `out` that no sequence owns are 0 (SPEC §3.2). With cu_seqlens non-decreasing they
+// Rows of `out` that no sequence owns are 0 (docs/semantics.md, "Invalid runtime data"). With cu_seqlens non-decreasing they
 // are [0, cu[0]) and [cu[nb], rows); otherwise (invalid input, the slow path) each row's
 // ownership is looked up over all sequences. Main CTAs never write these rows.
 template <DType IT>

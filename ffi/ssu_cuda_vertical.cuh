@@ -1,4 +1,4 @@
-// "vertical" CUDA strategy of selective_state_update (SPEC §3.5): a producer-consumer pipeline
+// "vertical" CUDA strategy of selective_state_update (docs/performance.md, "Strategies"): a producer-consumer pipeline
 // of state row tiles through a shared-memory ring. Uses the row module (ssu_cuda_row.cuh):
 // prologue/Ctx, state vector stores, dt_value, group reductions, run_rows.
 //

@@ -73,7 +73,7 @@ struct DeviceInfo {
   int smem_optin = 48 * 1024;
 };
 
-// SPEC §3.5 strategy names, in id order.
+// The `algorithm` strategy names (docs/performance.md, "Strategies"), in id order.
 enum Algorithm : int64_t { kAuto = 0, kSimple = 1, kVertical = 2, kHorizontal = 3 };
 
 // The plan for p under `algorithm` on a device like di; false (and *why) when that strategy
