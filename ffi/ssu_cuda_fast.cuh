@@ -258,3 +258,158 @@ __global__ void __launch_bounds__(256) ssu_fast(const Params p, const Launch l) 
 
 }  // namespace cuda
 }  // namespace ssu
+
+namespace ssu {
+namespace cuda {
+
+// ---- Multi-token steps (MTP, T >= 2, not varlen) on the same layout ----
+//
+// ssu_fast_mtp<ST, IT, N, KV>: per-head parameters only (Mamba-2), float states without
+// stochastic rounding. A CTA is (row chunk, head, entry) as above; the entry is resolved once
+// per thread by resolve_entry (ssu_params.h: 2-D indices, num_accepted_tokens, dst, the
+// intermediate row, cache_steps and every validity rule, uniform over the CTA). The thread's
+// KV rows stay in fp32 registers across the T steps and are rounded only when stored. Step
+// t + 1's inputs (x, z, dt, B/C slices and, with 2-D dst, its write slot) are loaded before
+// step t is computed, so each step's loads fly under the previous step's math. After step t:
+// the row's state to intermediate[ii, t] (when the entry has an intermediate row) and to the
+// step's dst slot (state_write_slot), both streaming 16-byte stores.
+// The inputs of one step for this thread: dt bits, the B / C slices, x and z of its rows, and
+// the step's state write slot (-1: none).
+template <DType IT, int N, int KV, int VPL, int E>
+struct MtpStep {
+  uint32_t w_dt;
+  float Bf[VPL][E], Cf[VPL][E];
+  float xf[KV], zf[KV];
+  int64_t wslot;
+};
+
+template <DType ST, DType IT, int N, int KV>
+__global__ void __launch_bounds__(256) ssu_fast_mtp(const Params p, const Launch l) {
+  using SW = typename Stor<ST>::type;
+  using R = FastRow<ST, N>;
+  constexpr int E = R::E, LPR = R::LPR, VPL = R::VPL;
+  using Step = MtpStep<IT, N, KV, VPL, E>;
+  const int tid = int(threadIdx.x);
+  const int lane = tid % LPR;
+  const int groups = int(blockDim.x) / LPR;
+  const int h = int(blockIdx.y), b = int(blockIdx.z);
+  const int H = int(p.H), P = int(p.P), G = int(p.G);
+  const int p0 = int(blockIdx.x) * l.rows_cta + tid / LPR;
+  const DType pt = p.param_t;
+  auto row = [&](int k) { return p0 + k * groups; };
+  auto on = [&](int k) { return row(k) < P; };
+
+  grid_dependency_wait();
+  grid_dependents_launch();
+
+  const float A_h = __ldg(p.A + h);
+  const uint32_t w_bias = p.has_dt_bias ? ld_w_raw(p.dt_bias, pt, h) : 0u;
+  const uint32_t w_D = p.has_D ? ld_w_raw(p.D, pt, h) : 0u;
+  const int g = l.g_mul ? int(__umulhi(unsigned(h), l.g_mul) >> l.g_shr) : h;  // h / (H / G)
+  const Entry e = resolve_entry(p, b);
+  if (!e.valid) {  // NaN over the entry's rows of out, nothing written
+    if (lane == 0)
+      for (int64_t r = e.nan_lo; r < e.nan_hi; ++r)
+#pragma unroll
+        for (int k = 0; k < KV; ++k)
+          if (on(k)) st_out<IT>(p.out, (int(r) * H + h) * P + row(k), __int_as_float(0x7fc00000));
+    return;
+  }
+  const int len = int(e.len), row0 = int(e.row0);
+  if (len == 0) return;
+
+  auto load_step = [&](int t, Step& s) {
+    const int rt = row0 + t;
+    s.w_dt = ld_w_raw(p.dt, pt, rt * H + h);
+    const int bc = (rt * G + g) * N + lane * E;
+#pragma unroll
+    for (int j = 0; j < VPL; ++j) {
+      ld_in_vec<IT, E>(p.B, bc + j * LPR * E, s.Bf[j]);
+      ld_in_vec<IT, E>(p.C, bc + j * LPR * E, s.Cf[j]);
+    }
+    const int xb = (rt * H + h) * P;
+#pragma unroll
+    for (int k = 0; k < KV; ++k) {
+      s.xf[k] = on(k) ? ld_scalar<IT>(p.x, xb + row(k)) : 0.f;
+      s.zf[k] = p.has_z && lane == 0 && on(k) ? ld_scalar<IT>(p.z, xb + row(k)) : 0.f;
+    }
+    s.wslot = e.padded ? -1 : state_write_slot(p, e, b, t);
+  };
+
+  // ---- state loads (streaming), then step 0's inputs ----
+  const uint32_t slot_elems = uint32_t(H) * uint32_t(P) * uint32_t(N);
+  const uint32_t in_slot = uint32_t(h * P + p0) * uint32_t(N) + uint32_t(lane * E);
+  const uint32_t row_step = uint32_t(groups) * uint32_t(N);
+  const SW* const src_row = static_cast<const SW*>(p.state) + uint64_t(e.padded ? 0 : e.src) * slot_elems + in_slot;
+  uint4 raw[KV][VPL];
+#pragma unroll
+  for (int k = 0; k < KV; ++k)
+#pragma unroll
+    for (int j = 0; j < VPL; ++j)
+      raw[k][j] = on(k) && !e.padded
+                      ? __ldcs(reinterpret_cast<const uint4*>(src_row + k * row_step + j * LPR * E))
+                      : make_uint4(0u, 0u, 0u, 0u);
+  Step cur;
+  load_step(0, cur);
+  const float bias_h = p.has_dt_bias ? w_value(w_bias, pt) : 0.f;
+  const float D_h = p.has_D ? w_value(w_D, pt) : 0.f;
+  float st[KV][VPL][E];
+#pragma unroll
+  for (int k = 0; k < KV; ++k)
+#pragma unroll
+    for (int j = 0; j < VPL; ++j) cvt_state_vec<ST>(raw[k][j], st[k][j]);
+
+  SW* const inter_row = e.to_inter ? static_cast<SW*>(p.inter) + uint64_t(e.ii) * uint64_t(p.CS) * slot_elems + in_slot
+                                   : nullptr;
+  for (int t = 0; t < len; ++t) {
+    Step nxt;
+    if (t + 1 < len) load_step(t + 1, nxt);
+    float dt = w_value(cur.w_dt, pt) + bias_h;
+    if (p.softplus) dt = dev_softplus(dt);
+    const float dA = __expf(A_h * dt);
+    const bool store = cur.wslot >= 0 || inter_row != nullptr;
+    SW* const dst_row = cur.wslot >= 0 ? static_cast<SW*>(p.state) + uint64_t(cur.wslot) * slot_elems + in_slot : nullptr;
+    SW* const it_row = inter_row != nullptr ? inter_row + uint64_t(t) * slot_elems : nullptr;
+    float acc[KV];
+#pragma unroll
+    for (int k = 0; k < KV; ++k) {
+      float a = 0.f;
+#pragma unroll
+      for (int j = 0; j < VPL; ++j) {
+#pragma unroll
+        for (int q = 0; q < E; ++q) {
+          st[k][j][q] = st[k][j][q] * dA + (cur.Bf[j][q] * dt) * cur.xf[k];
+          a += st[k][j][q] * cur.Cf[j][q];
+        }
+      }
+      acc[k] = a;
+      if (store && on(k)) {
+#pragma unroll
+        for (int j = 0; j < VPL; ++j) {
+          const uint4 v = pack_state<ST>(st[k][j]);
+          if (it_row != nullptr) __stcs(reinterpret_cast<uint4*>(it_row + k * row_step + j * LPR * E), v);
+          if (dst_row != nullptr) __stcs(reinterpret_cast<uint4*>(dst_row + k * row_step + j * LPR * E), v);
+        }
+      }
+    }
+#pragma unroll
+    for (int off = LPR / 2; off >= 1; off >>= 1)
+#pragma unroll
+      for (int k = 0; k < KV; ++k) acc[k] += __shfl_xor_sync(0xffffffffu, acc[k], off);
+    if (lane == 0) {
+      const int xb = ((row0 + t) * H + h) * P;
+#pragma unroll
+      for (int k = 0; k < KV; ++k) {
+        if (!on(k)) continue;
+        float v = acc[k];
+        if (p.has_D) v += D_h * cur.xf[k];
+        if (p.has_z) v = dev_gate(v, cur.zf[k]);
+        st_out<IT>(p.out, xb + row(k), v);
+      }
+    }
+    if (t + 1 < len) cur = nxt;
+  }
+}
+
+}  // namespace cuda
+}  // namespace ssu

@@ -74,6 +74,9 @@ cudaError_t launch_fast_kernel(const Params& p, const Plan& pl, cudaStream_t str
   attr[0].val.programmaticStreamSerializationAllowed = 1;
   cfg.attrs = attr;
   cfg.numAttrs = pl.pdl ? 1 : 0;
+  if constexpr (!ELEM) {
+    if (pl.kernel == Kernel::kFastMtp) return cudaLaunchKernelEx(&cfg, ssu_fast_mtp<ST, IT, N, KV>, p, pl.l);
+  }
   return cudaLaunchKernelEx(&cfg, ssu_fast<ST, IT, N, KV, ELEM>, p, pl.l);
 }
 
@@ -119,7 +122,7 @@ template <DType ST, DType IT>
 cudaError_t launch_input(const Params& p, const Plan& pl, cudaStream_t stream) {
   const int64_t blocks = pl.l.main_blocks + pl.l.zero_blocks;
   const dim3 grid(static_cast<unsigned>(blocks)), block(static_cast<unsigned>(pl.threads));
-  if (pl.kernel == Kernel::kFast) return launch_fast<ST, IT>(p, pl, stream);
+  if (pl.kernel == Kernel::kFast || pl.kernel == Kernel::kFastMtp) return launch_fast<ST, IT>(p, pl, stream);
   if (pl.kernel == Kernel::kVertical) return launch_vert<ST, IT>(p, pl, grid, block, stream);
   if (pl.kernel == Kernel::kSimpleStep1) {
     switch (pl.nv) {

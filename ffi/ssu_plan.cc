@@ -46,6 +46,13 @@ bool fast_enabled() {
   }();
   return v;
 }
+bool fast_mtp_enabled() {  // JAX_MAMBA_CUDA_FAST_MTP=0: multi-token steps to the other kernels
+  static const bool v = [] {
+    const char* e = std::getenv("JAX_MAMBA_CUDA_FAST_MTP");
+    return !(e && e[0] == '0');
+  }();
+  return v;
+}
 bool pdl_enabled() {
   static const bool v = env_int("JAX_MAMBA_CUDA_PDL") > 0;
   return v;
@@ -70,24 +77,31 @@ void fast_divisor(int64_t d, uint32_t* mul, int* shr) {
   *shr = pw - 32;
 }
 
-// The fast path (ssu_fast, ssu_cuda_fast.cuh) for p, when it covers p: one step per entry, no
-// varlen, 1-D or no indices, no intermediate buffer, no num_accepted_tokens, float states
-// without stochastic rounding, a dstate it is instantiated for, and sizes whose offsets fit
-// its 32-bit arithmetic and grid (entries and heads on the grid's y / z axes).
+// The fast path (ssu_cuda_fast.cuh) for p, when it covers p. One step (ssu_fast): no varlen,
+// 1-D or no indices, no intermediate buffer, no num_accepted_tokens, per-head or (dstate 16)
+// per-element parameters. Several steps (ssu_fast_mtp): no varlen, per-head parameters, every
+// index form, intermediate buffers, num_accepted_tokens. Both: float states without
+// stochastic rounding, a dstate they are instantiated for, and sizes whose offsets fit their
+// 32-bit arithmetic and grid (entries and heads on the grid's z / y axes).
 bool fast_plan(const Params& p, const DeviceInfo& di, Plan* pl) {
   if (!fast_enabled()) return false;
-  if (p.varlen || p.T != 1 || p.nb < 1) return false;
+  if (p.varlen || p.T < 1 || p.nb < 1) return false;
   if (p.state_t == DType::I16) return false;
   if (p.has_seed && p.state_t != DType::F32) return false;  // stochastic rounding
-  if (p.has_inter || p.src_2d || p.dst_2d || p.has_num_accepted) return false;
-  if (p.has_cache_steps && p.cache_steps < 1) return false;
+  const bool mtp = p.T > 1;
+  const bool elem = p.dt_elem || p.A_elem || p.D_elem || p.bias_elem;
   const int64_t H = p.H, P = p.P, N = p.N, G = p.G > 0 ? p.G : 1;
   if (!fast_dstate(N)) return false;
-  const bool elem = p.dt_elem || p.A_elem || p.D_elem || p.bias_elem;
-  if (elem && !fast_elem_dstate(N)) return false;
+  if (mtp) {
+    if (elem || !fast_mtp_enabled()) return false;
+  } else {
+    if (p.has_inter || p.src_2d || p.dst_2d || p.has_num_accepted) return false;
+    if (p.has_cache_steps && p.cache_steps < 1) return false;
+    if (elem && !fast_elem_dstate(N)) return false;
+  }
   constexpr int64_t kMax = int64_t(INT32_MAX);
-  if (p.nb > 65535 || H > 65535 || H * P * N >= kMax || p.nb * H * P >= kMax ||
-      p.nb * G * N >= kMax)
+  if (p.nb > 65535 || H > 65535 || H * P * N >= kMax || p.nb * p.T * H * P >= kMax ||
+      p.nb * p.T * G * N >= kMax)
     return false;
   const int E = p.state_t == DType::F32 ? 4 : 8;
   const int64_t vpr = N / E, lpr = std::min<int64_t>(vpr, 32), vpl = vpr / lpr;
@@ -105,7 +119,7 @@ bool fast_plan(const Params& p, const DeviceInfo& di, Plan* pl) {
   if (p.nb * H * ceil_div(P, groups * kv) < 4 * int64_t(di.sms)) kv = 1;
   if (rows_override() > 0) kv = std::min(4, pow2_ceil(rows_override()));
   while (kv > 1 && groups * (kv / 2) >= P) kv /= 2;
-  pl->kernel = Kernel::kFast;
+  pl->kernel = mtp ? Kernel::kFastMtp : Kernel::kFast;
   pl->nv = kv;
   pl->threads = threads;
   pl->smem = 0;
@@ -318,6 +332,7 @@ const char* kernel_name(Kernel k) {
     case Kernel::kVertical: return "ssu_vertical";
     case Kernel::kSimpleStep1: return "ssu_simple_step1";
     case Kernel::kFast: return "ssu_fast";
+    case Kernel::kFastMtp: return "ssu_fast_mtp";
     default: return "none";
   }
 }

@@ -38,7 +38,7 @@ constexpr int rows_per_lane(int V) { return V <= 4 ? 4 : (V <= 8 ? 2 : 1); }
 // One kernel per strategy (ssu_cuda_<strategy>.cuh), named as users name the strategy.
 enum class Kernel : int {
   kNone = 0, kSimple = 1, kHorizontal = 2, kGeneric = 3, kVertical = 4, kSimpleStep1 = 5,
-  kFast = 6
+  kFast = 6, kFastMtp = 7
 };
 
 // The fast path (ssu_cuda_fast.cuh): the dstates it is instantiated for, and its rows per

@@ -25,7 +25,10 @@ def plan(algorithm="auto", S=64, H=80, P=64, N=128, nb=64, T=1, rows=None, dtype
     (dict(dtype="int16"), "ssu_simple_step1"),          # int16 states: not on the fast path
     (dict(inter=(64, 1)), "ssu_simple_step1"),          # an intermediate buffer: neither
     (dict(cache_steps=1), "ssu_fast"),                  # a cache_steps limit the step fits in
-    (dict(T=4), "ssu_simple"),                          # MTP
+    (dict(T=4), "ssu_fast_mtp"),                        # MTP: the multi-step fast path
+    (dict(T=4, inter=(64, 4)), "ssu_fast_mtp"),         # ... with an intermediate buffer
+    (dict(T=4, N=48), "ssu_simple"),                    # ... not for a dstate it lacks
+    (dict(T=4, dtype="int16"), "ssu_simple"),           # ... nor for int16 states
     (dict(varlen=True, nb=8, T=0, rows=20), "ssu_simple"),
     (dict(N=12), "ssu_generic"),                     # not whole 16-byte vectors
     (dict(N=2048), "ssu_generic"),                   # more than a warp of vectors
