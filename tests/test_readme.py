@@ -92,9 +92,8 @@ def _tracked_files():
 
 # Files whose SPEC citations are still being replaced by their owners (issue #15 item 2); empty
 # once they are done.
-# Lead-owned: BENCHMARKS.md (its numbers are being redone, issue #15 item 5) and three CUDA
-# source comments.
-PENDING = {"BENCHMARKS.md", "ffi/ssu_cuda_row.cuh", "ffi/ssu_cuda_vertical.cuh", "ffi/ssu_plan.h"}
+# BENCHMARKS.md: its numbers and wording are being redone (issue #15 item 5).
+PENDING = {"BENCHMARKS.md"}
 
 
 def test_no_file_cites_the_internal_spec():
