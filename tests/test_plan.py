@@ -1,5 +1,14 @@
 """The CUDA planner (ffi/ssu_plan.cc) as pure host functions, through the CPU module: which
-kernel runs a problem, and which explicit strategies are refused and why (docs/semantics.md, `algorithm`)."""
+kernel runs a problem, and which explicit strategies are refused and why (docs/semantics.md, `algorithm`).
+
+The fast path is opt-in (JAX_MAMBA_CUDA_FAST=1, read once per process): the kernel choice is
+checked in child processes with the switch on and off."""
+import json
+import os
+import subprocess
+import sys
+import functools
+
 import pytest
 
 from jax_mamba import _cpu
@@ -16,35 +25,78 @@ def plan(algorithm="auto", S=64, H=80, P=64, N=128, nb=64, T=1, rows=None, dtype
                      cache_steps=cache_steps, algorithm=algorithm, sms=sms, smem_optin=optin)
 
 
-@pytest.mark.parametrize("kw,kernel", [
-    (dict(), "ssu_fast"),                               # the decode row: the fast path
-    (dict(nb=1), "ssu_fast"),                           # small batch too (latency-bound)
-    (dict(N=8), "ssu_simple_step1"),                    # a dstate the fast path is not built for
-    (dict(N=8, nb=1), "ssu_simple"),                    # ... and too few (entry, head) pairs
-    (dict(N=48), "ssu_simple"),                         # 6 vectors a row: not a power of two
-    (dict(dtype="int16"), "ssu_simple_step1"),          # int16 states: not on the fast path
-    (dict(inter=(64, 1)), "ssu_simple_step1"),          # an intermediate buffer: neither
-    (dict(cache_steps=1), "ssu_fast"),                  # a cache_steps limit the step fits in
-    (dict(T=4), "ssu_fast_mtp"),                        # MTP: the multi-step fast path
-    (dict(T=4, inter=(64, 4)), "ssu_fast_mtp"),         # ... with an intermediate buffer
-    (dict(T=4, N=48), "ssu_simple"),                    # ... not for a dstate it lacks
-    (dict(T=4, dtype="int16"), "ssu_simple"),           # ... nor for int16 states
+CHOICES = [  # (problem, kernel with the fast path on[, kernel with it off when different])
+    (dict(), "ssu_fast", "ssu_simple_step1"),                 # the decode row: the fast path
+    (dict(nb=1), "ssu_fast", "ssu_simple"),                   # small batch too (latency-bound)
+    (dict(N=8), "ssu_simple_step1"),                          # a dstate the fast path is not built for
+    (dict(N=8, nb=1), "ssu_simple"),                          # ... and too few (entry, head) pairs
+    (dict(N=48), "ssu_simple"),                               # 6 vectors a row: not a power of two
+    (dict(dtype="int16"), "ssu_simple_step1"),                # int16 states: not on the fast path
+    (dict(inter=(64, 1)), "ssu_simple_step1"),                # an intermediate buffer: neither
+    (dict(cache_steps=1), "ssu_fast", "ssu_simple_step1"),    # a cache_steps limit the step fits in
+    (dict(T=4), "ssu_fast_mtp", "ssu_simple"),                # MTP: the multi-step fast path
+    (dict(T=4, inter=(64, 4)), "ssu_fast_mtp", "ssu_simple"), # ... with an intermediate buffer
+    (dict(T=4, N=48), "ssu_simple"),                          # ... not for a dstate it lacks
+    (dict(T=4, dtype="int16"), "ssu_simple"),                 # ... nor for int16 states
     (dict(varlen=True, nb=8, T=0, rows=20), "ssu_simple"),
-    (dict(N=12), "ssu_generic"),                     # not whole 16-byte vectors
-    (dict(N=2048), "ssu_generic"),                   # more than a warp of vectors
-    (dict(algorithm="simple"), "ssu_fast"),
-    (dict(algorithm="horizontal"), "ssu_horizontal"),       # per-thread columns: never the STP kernel
+    (dict(N=12), "ssu_generic"),                              # not whole 16-byte vectors
+    (dict(N=2048), "ssu_generic"),                            # more than a warp of vectors
+    (dict(algorithm="simple"), "ssu_fast", "ssu_simple_step1"),
+    (dict(algorithm="horizontal"), "ssu_horizontal"),         # per-thread columns: never the STP kernel
     (dict(algorithm="vertical"), "ssu_vertical"),
-    (dict(nb=0), "none"),                            # empty batch: nothing to launch
-    (dict(varlen=True, nb=0, T=0, rows=5), "ssu_simple"),  # no sequences, yet rows to zero
-    (dict(dtype="float32", N=16), "ssu_fast"),
-    *((dict(N=n, dtype=d), "ssu_fast") for n in (16, 32, 64, 128, 256)
+    (dict(nb=0), "none"),                                     # empty batch: nothing to launch
+    (dict(varlen=True, nb=0, T=0, rows=5), "ssu_simple"),     # no sequences, yet rows to zero
+    (dict(dtype="float32", N=16), "ssu_fast", "ssu_simple_step1"),
+    *((dict(N=n, dtype=d), "ssu_fast", "ssu_simple" if n // (4 if d == "float32" else 8) > 32
+       else "ssu_simple_step1") for n in (16, 32, 64, 128, 256)
       for d in ("float32", "bfloat16", "float16")),
-    (dict(nb=70000, S=70000), "ssu_simple_step1"),      # more entries than the grid's z axis
-    (dict(H=70000, P=1, N=16), "ssu_simple_step1"),     # more heads than its y axis
-])
-def test_kernel_choice(kw, kernel):
-    assert plan(**kw) == (kernel, "")
+    (dict(nb=70000, S=70000), "ssu_simple_step1"),            # more entries than the grid's z axis
+    (dict(H=70000, P=1, N=16), "ssu_simple_step1"),           # more heads than its y axis
+]
+
+
+def _choices_in_child(fast):
+    """plan() of every CHOICES problem in a child process with JAX_MAMBA_CUDA_FAST=fast."""
+    code = ("import json, sys; sys.path.insert(0, sys.argv[1]); import test_plan as t; "
+            "print(json.dumps([t.plan(**c[0]) for c in t.CHOICES]))")
+    env = dict(os.environ, JAX_MAMBA_CUDA_FAST=fast)
+    r = subprocess.run([sys.executable, "-c", code, os.path.dirname(__file__)], env=env,
+                       capture_output=True, text=True, timeout=120,
+                       cwd=os.path.dirname(__file__))
+    assert r.returncode == 0, r.stderr[-2000:]
+    return [tuple(x) for x in json.loads(r.stdout.strip().splitlines()[-1])]
+
+
+@functools.lru_cache(None)
+def choices(fast):
+    return _choices_in_child(fast)
+
+
+def _cases(kernels):
+    return [pytest.param(i, id=f"{i}-{kernels[i][1]}") for i in range(len(kernels))]
+
+
+@pytest.mark.parametrize("i", _cases(CHOICES))
+def test_kernel_choice(i):
+    """With JAX_MAMBA_CUDA_FAST=1 every problem gets the kernel listed."""
+    kw, kernel = CHOICES[i][:2]
+    assert choices("1")[i] == (kernel, ""), kw
+
+
+@pytest.mark.parametrize("i", _cases(CHOICES))
+def test_kernel_choice_without_fast_path(i):
+    """Unset / 0: the fast path's problems run the other kernels (listed third); every other
+    problem gets the same kernel as with the fast path on."""
+    kw, kernel = CHOICES[i][0], CHOICES[i][-1]
+    assert choices("0")[i] == (kernel, ""), kw
+
+
+def test_fast_path_is_off_unless_asked():
+    """The process default (no JAX_MAMBA_CUDA_FAST in the environment) is the other kernels."""
+    if os.environ.get("JAX_MAMBA_CUDA_FAST"):
+        pytest.skip("JAX_MAMBA_CUDA_FAST is set in this environment")
+    assert plan() == ("ssu_simple_step1", "")
+    assert plan(T=4) == ("ssu_simple", "")
 
 
 @pytest.mark.parametrize("kw,words", [
