@@ -26,18 +26,21 @@ constexpr std::size_t kMiB = std::size_t(1) << 20;
 
 // dst[i] = src[i] for i < n (n 16-byte vectors). Each thread first issues kUnroll independent
 // loads spaced by the grid's width, then the stores; the remainder goes one vector at a time.
-__global__ void __launch_bounds__(kThreads) copy_kernel(const uint4* __restrict__ src,
-                                                        uint4* __restrict__ dst, std::size_t n) {
+__global__ void __launch_bounds__(kThreads)
+    copy_kernel(const uint4* __restrict__ src, uint4* __restrict__ dst, std::size_t n) {
   const std::size_t stride = std::size_t(gridDim.x) * blockDim.x;
   std::size_t i = std::size_t(blockIdx.x) * blockDim.x + threadIdx.x;
   for (; i + (kUnroll - 1) * stride < n; i += kUnroll * stride) {
     uint4 v[kUnroll];
 #pragma unroll
-    for (int u = 0; u < kUnroll; ++u) v[u] = src[i + u * stride];
+    for (int u = 0; u < kUnroll; ++u)
+      v[u] = src[i + u * stride];
 #pragma unroll
-    for (int u = 0; u < kUnroll; ++u) dst[i + u * stride] = v[u];
+    for (int u = 0; u < kUnroll; ++u)
+      dst[i + u * stride] = v[u];
   }
-  for (; i < n; i += stride) dst[i] = src[i];
+  for (; i < n; i += stride)
+    dst[i] = src[i];
 }
 
 // Owns what one measurement created; the destructor releases it on every return path (its
@@ -50,7 +53,8 @@ struct Resources {
   std::vector<cudaEvent_t> events;
   ~Resources() {
     if (stream) cudaStreamSynchronize(stream);
-    for (cudaEvent_t e : events) cudaEventDestroy(e);
+    for (cudaEvent_t e : events)
+      cudaEventDestroy(e);
     if (stream) cudaStreamDestroy(stream);
     if (src) cudaFree(src);
     if (dst) cudaFree(dst);
@@ -95,8 +99,8 @@ std::string measure_ceiling(int device, std::size_t buffer_bytes, std::size_t mi
   }
   int sms = 0, blocks_per_sm = 0;
   CEILING_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
-  CEILING_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks_per_sm, copy_kernel,
-                                                              kThreads, 0));
+  CEILING_CHECK(
+      cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks_per_sm, copy_kernel, kThreads, 0));
   const int grid = std::max(1, sms * std::max(1, blocks_per_sm));
 
   // Both buffers of one size; on an allocation failure halve it, down to min_buffer_bytes.
@@ -122,7 +126,8 @@ std::string measure_ceiling(int device, std::size_t buffer_bytes, std::size_t mi
 
   CEILING_CHECK(cudaStreamCreateWithFlags(&r.stream, cudaStreamNonBlocking));
   r.events.resize(2, nullptr);
-  for (cudaEvent_t& e : r.events) CEILING_CHECK(cudaEventCreate(&e));
+  for (cudaEvent_t& e : r.events)
+    CEILING_CHECK(cudaEventCreate(&e));
   // Initialised source (0xA5 bytes): the copy must not be reading never-touched pages.
   CEILING_CHECK(cudaMemsetAsync(r.src, 0xA5, size, r.stream));
   CEILING_CHECK(cudaMemsetAsync(r.dst, 0, size, r.stream));
@@ -152,8 +157,8 @@ std::string measure_ceiling(int device, std::size_t buffer_bytes, std::size_t mi
   // pattern (the memcpy wrote the same bytes before, so check after a kernel run).
   unsigned char head[16], tail[16];
   CEILING_CHECK(cudaMemcpy(head, r.dst, 16, cudaMemcpyDeviceToHost));
-  CEILING_CHECK(cudaMemcpy(tail, static_cast<char*>(r.dst) + size - 16, 16,
-                           cudaMemcpyDeviceToHost));
+  CEILING_CHECK(
+      cudaMemcpy(tail, static_cast<char*>(r.dst) + size - 16, 16, cudaMemcpyDeviceToHost));
   for (int b = 0; b < 16; ++b)
     if (head[b] != 0xA5 || tail[b] != 0xA5)
       return "copy_ceiling: the destination does not hold the source's bytes after the copy";
@@ -162,8 +167,8 @@ std::string measure_ceiling(int device, std::size_t buffer_bytes, std::size_t mi
   out->memcpy_s = median(memcpy_s);
   out->kernel_s = median(kernel_s);
   if (!(out->memcpy_s > 0) || !(out->kernel_s > 0))
-    return "copy_ceiling: an event pair measured no time (memcpy " +
-           std::to_string(out->memcpy_s) + " s, kernel " + std::to_string(out->kernel_s) + " s)";
+    return "copy_ceiling: an event pair measured no time (memcpy " + std::to_string(out->memcpy_s) +
+           " s, kernel " + std::to_string(out->kernel_s) + " s)";
   out->memcpy_gbs = moved / out->memcpy_s / 1e9;
   out->kernel_gbs = moved / out->kernel_s / 1e9;
   out->buffer_bytes = size;

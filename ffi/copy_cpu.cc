@@ -16,7 +16,8 @@ ffi::Error CopyCpu(ffi::AnyBuffer src, ffi::Result<ffi::AnyBuffer> dst) {
   return ffi::Error::Success();
 }
 
-XLA_FFI_DEFINE_HANDLER(kCopyCpu, CopyCpu, ffi::Ffi::Bind().Arg<ffi::AnyBuffer>().Ret<ffi::AnyBuffer>());
+XLA_FFI_DEFINE_HANDLER(kCopyCpu, CopyCpu,
+                       ffi::Ffi::Bind().Arg<ffi::AnyBuffer>().Ret<ffi::AnyBuffer>());
 }  // namespace
 
 void* cpu_handler() { return reinterpret_cast<void*>(kCopyCpu); }

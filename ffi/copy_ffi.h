@@ -13,9 +13,9 @@ void* cuda_handler();  // copy_cuda.cu
 
 // One ceiling measurement: per-copy median seconds and GB/s (read + written) of each method.
 struct Ceiling {
-  double memcpy_s = 0, kernel_s = 0;      // cudaMemcpyAsync D2D / the 16-byte SM copy kernel
+  double memcpy_s = 0, kernel_s = 0;  // cudaMemcpyAsync D2D / the 16-byte SM copy kernel
   double memcpy_gbs = 0, kernel_gbs = 0;
-  std::size_t buffer_bytes = 0;           // bytes of each buffer actually copied
+  std::size_t buffer_bytes = 0;            // bytes of each buffer actually copied
   int grid = 0, threads = 0, device = -1;  // the kernel's launch, the CUDA device used
 };
 

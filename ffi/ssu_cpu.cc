@@ -21,18 +21,25 @@ namespace {
 template <DType T>
 inline float ld(const void* p, int64_t i) {
   auto v = static_cast<const typename Stor<T>::type*>(p)[i];
-  if constexpr (T == DType::F32) return v;
-  else if constexpr (T == DType::BF16) return bf16_to_f32(v);
-  else if constexpr (T == DType::F16) return f16_to_f32(v);
-  else return float(v);
+  if constexpr (T == DType::F32)
+    return v;
+  else if constexpr (T == DType::BF16)
+    return bf16_to_f32(v);
+  else if constexpr (T == DType::F16)
+    return f16_to_f32(v);
+  else
+    return float(v);
 }
 
 template <DType T>
 inline void st_rn(void* p, int64_t i, float v) {
   auto* q = static_cast<typename Stor<T>::type*>(p);
-  if constexpr (T == DType::F32) q[i] = v;
-  else if constexpr (T == DType::BF16) q[i] = f32_to_bf16_rn(v);
-  else q[i] = f32_to_f16_rn(v);
+  if constexpr (T == DType::F32)
+    q[i] = v;
+  else if constexpr (T == DType::BF16)
+    q[i] = f32_to_bf16_rn(v);
+  else
+    q[i] = f32_to_f16_rn(v);
 }
 
 inline float ld_any(const void* p, DType t, int64_t i) {
@@ -52,7 +59,10 @@ inline void philox_blocks(uint64_t g0, int64_t nblk, uint32_t t, uint32_t kind, 
     uint32_t c0[8], c1[8], c2[8], c3[8];
     for (int j = 0; j < 8; ++j) {
       const uint64_t g = g0 + uint64_t(b0 + j);
-      c0[j] = uint32_t(g); c1[j] = uint32_t(g >> 32); c2[j] = t; c3[j] = kind;
+      c0[j] = uint32_t(g);
+      c1[j] = uint32_t(g >> 32);
+      c2[j] = t;
+      c3[j] = kind;
     }
     uint32_t k0 = key0, k1 = key1;
     for (int i = 0; i < rounds; ++i) {  // the round function of philox4x32 (ssu_math.h)
@@ -60,14 +70,20 @@ inline void philox_blocks(uint64_t g0, int64_t nblk, uint32_t t, uint32_t kind, 
         const uint64_t p0 = uint64_t(0xD2511F53u) * c0[j], p2 = uint64_t(0xCD9E8D57u) * c2[j];
         const uint32_t n0 = uint32_t(p2 >> 32) ^ c1[j] ^ k0;
         const uint32_t n2 = uint32_t(p0 >> 32) ^ c3[j] ^ k1;
-        c1[j] = uint32_t(p2); c3[j] = uint32_t(p0);
-        c0[j] = n0; c2[j] = n2;
+        c1[j] = uint32_t(p2);
+        c3[j] = uint32_t(p0);
+        c0[j] = n0;
+        c2[j] = n2;
       }
-      k0 += 0x9E3779B9u; k1 += 0xBB67AE85u;
+      k0 += 0x9E3779B9u;
+      k1 += 0xBB67AE85u;
     }
     for (int j = 0; j < 8; ++j) {
       uint32_t* o = out + (b0 + j) * 4;
-      o[0] = c0[j]; o[1] = c1[j]; o[2] = c2[j]; o[3] = c3[j];
+      o[0] = c0[j];
+      o[1] = c1[j];
+      o[2] = c2[j];
+      o[3] = c3[j];
     }
   }
 }
@@ -93,17 +109,20 @@ void store_row(const Params& p, void* base, float* scale, int64_t off, int64_t s
       m8[0] = a > m8[0] ? a : m8[0];
     }
     float amax = 0.f;
-    for (float v : m8) amax = v > amax ? v : amax;
+    for (float v : m8)
+      amax = v > amax ? v : amax;
     float sc = int16_scale(amax);
     auto* q = static_cast<int16_t*>(base) + off;
-    for (int64_t n = 0; n < N; ++n) q[n] = int16_encode(s[n], sc);
+    for (int64_t n = 0; n < N; ++n)
+      q[n] = int16_encode(s[n], sc);
     scale[scale_off] = sc;
   } else if constexpr (ST == DType::F32) {
     std::memcpy(static_cast<float*>(base) + off, s, N * sizeof(float));
   } else {
     auto* q = static_cast<uint16_t*>(base) + off;
     if (!p.has_seed) {
-      for (int64_t n = 0; n < N; ++n) st_rn<ST>(q, n, s[n]);
+      for (int64_t n = 0; n < N; ++n)
+        st_rn<ST>(q, n, s[n]);
       return;
     }
     // Element e takes word e % 4 of sr_block(e): the words of the row's blocks, in order.
@@ -164,7 +183,8 @@ void run_item(const Params& p, const Entry& e, int64_t b, int64_t h) {
     } else {
       const int64_t off = (e.src * HP + hp) * N;
       const float sc = ST == DType::I16 ? p.state_scale[e.src * HP + hp] : 1.f;
-      for (int64_t n = 0; n < N; ++n) s[n] = ld<ST>(p.state, off + n) * sc;
+      for (int64_t n = 0; n < N; ++n)
+        s[n] = ld<ST>(p.state, off + n) * sc;
     }
     const float Dv = !p.has_D ? 0.f : ld_any(p.D, p.param_t, p.D_elem ? hp : h);
     const float bias = p.bias_elem ? ld_any(p.dt_bias, p.param_t, hp) : bias_h;
@@ -180,7 +200,8 @@ void run_item(const Params& p, const Entry& e, int64_t b, int64_t h) {
       const float* Ct = &Cf[t * N];
       float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};  // 8 lanes: vectorisable sum
       if (p.A_elem) {
-        for (int64_t n = 0; n < N; ++n) dA[n] = std::exp(p.A[hp * N + n] * dt);
+        for (int64_t n = 0; n < N; ++n)
+          dA[n] = std::exp(p.A[hp * N + n] * dt);
         recur(s.data(), dA.data(), 0.f, Bt, Ct, dt, xv, N, acc);
       } else {
         const float da = std::exp(p.A[h] * dt);
@@ -192,8 +213,9 @@ void run_item(const Params& p, const Entry& e, int64_t b, int64_t h) {
       st_rn<IT>(p.out, row * HP + hp, y);
 
       const StateWrite w = state_write(p, e, b, t);  // in [0, S) when on (e is valid)
-      if (w.on) store_row<ST>(p, p.state, p.state_scale, (w.index * HP + hp) * N,
-                              w.index * HP + hp, s.data(), uint32_t(t), 0);
+      if (w.on)
+        store_row<ST>(p, p.state, p.state_scale, (w.index * HP + hp) * N, w.index * HP + hp,
+                      s.data(), uint32_t(t), 0);
       if (e.to_inter && t < p.CS) {
         const int64_t blk = (e.ii * p.CS + t) * HP + hp;
         store_row<ST>(p, p.inter, p.inter_scales, blk * N, blk, s.data(), uint32_t(t), 1);
@@ -211,7 +233,8 @@ void run_range(const Params& p, const std::vector<uint8_t>& overlapped, int64_t 
     const Entry e = resolve_entry(p, b, p.varlen && overlapped[size_t(b)]);
     if (!e.valid) {  // NaN over the entry's rows, head h only: items stay disjoint
       for (int64_t r = e.nan_lo; r < e.nan_hi; ++r)
-        for (int64_t pp = 0; pp < p.P; ++pp) st_rn<IT>(p.out, (r * p.H + h) * p.P + pp, nan);
+        for (int64_t pp = 0; pp < p.P; ++pp)
+          st_rn<IT>(p.out, (r * p.H + h) * p.P + pp, nan);
       continue;
     }
     if (e.len > 0) run_item<ST, IT>(p, e, b, h);
@@ -247,7 +270,8 @@ std::vector<uint8_t> overlapping_sequences(const Params& p) {
 template <DType ST, DType IT>
 void run(const Params& p, ffi::ThreadPool pool) {
   if (p.varlen)  // rows that no sequence owns stay 0
-    for (int64_t i = 0; i < p.rows * p.H * p.P; ++i) st_rn<IT>(p.out, i, 0.f);
+    for (int64_t i = 0; i < p.rows * p.H * p.P; ++i)
+      st_rn<IT>(p.out, i, 0.f);
   const std::vector<uint8_t> overlapped = overlapping_sequences(p);
   const int64_t items = p.nb * p.H;
   const int64_t work = items * (p.T > 0 ? p.T : 1) * p.P * p.N;
@@ -273,7 +297,8 @@ void run(const Params& p, ffi::ThreadPool pool) {
       }
     }
   };
-  for (int64_t i = 0; i < threads; ++i) pool.Schedule(decltype(worker)(worker));
+  for (int64_t i = 0; i < threads; ++i)
+    pool.Schedule(decltype(worker)(worker));
   worker();
   std::unique_lock<std::mutex> lock(sh->mu);
   sh->cv.wait(lock, [&] { return sh->done.load() == items; });
@@ -293,9 +318,9 @@ ffi::Error SsuCpu(ffi::ThreadPool pool SSU_HANDLER_PARAMS) {
   Params p;
   int64_t algorithm_id = 0;  // every strategy is the same loop on the CPU
   AliasCopies copies;
-  if (auto err = decode_params(call, &p, &algorithm_id, &copies); err.failure())
-    return err;
-  for (int i = 0; i < copies.n; ++i) std::memcpy(copies.c[i].dst, copies.c[i].src, copies.c[i].bytes);
+  if (auto err = decode_params(call, &p, &algorithm_id, &copies); err.failure()) return err;
+  for (int i = 0; i < copies.n; ++i)
+    std::memcpy(copies.c[i].dst, copies.c[i].src, copies.c[i].bytes);
   switch (p.state_t) {
     case DType::F32: dispatch_input<DType::F32>(p, pool); break;
     case DType::BF16: dispatch_input<DType::BF16>(p, pool); break;

@@ -1,6 +1,7 @@
 // CUDA handler of the jax_mamba_ssu FFI target: decodes the call frame (ssu_ffi.h), picks a
-// kernel strategy and launch shape (make_plan, ssu_plan.cc), launches on XLA's stream. No allocation, no
-// synchronisation, no host reads of device data: command-buffer (CUDA graph) compatible.
+// kernel strategy and launch shape (make_plan, ssu_plan.cc), launches on XLA's stream. No
+// allocation, no synchronisation, no host reads of device data: command-buffer (CUDA graph)
+// compatible.
 #include <algorithm>
 #include <array>
 #include <atomic>
@@ -65,8 +66,7 @@ ffi::Error SsuCuda(cudaStream_t stream SSU_HANDLER_PARAMS) {
   Params p;
   int64_t algorithm_id = 0;
   AliasCopies copies;
-  if (auto err = decode_params(call, &p, &algorithm_id, &copies); err.failure())
-    return err;
+  if (auto err = decode_params(call, &p, &algorithm_id, &copies); err.failure()) return err;
   DeviceInfo di;
   if (cudaError_t err = device_info(&di); err != cudaSuccess)
     return ffi::Error::Internal(std::string("jax_mamba_ssu: ") + cudaGetErrorString(err));

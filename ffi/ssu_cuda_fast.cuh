@@ -68,9 +68,9 @@ __device__ __forceinline__ void grid_dependents_launch() {
 template <DType ST, int N>
 struct FastRow {
   static constexpr int E = 16 / int(sizeof(typename Stor<ST>::type));  // elements per vector
-  static constexpr int VPR = N / E;                                      // vectors per row
-  static constexpr int LPR = VPR < 32 ? VPR : 32;                        // lanes per row
-  static constexpr int VPL = VPR / LPR;                                  // vectors per lane
+  static constexpr int VPR = N / E;                                    // vectors per row
+  static constexpr int LPR = VPR < 32 ? VPR : 32;                      // lanes per row
+  static constexpr int VPL = VPR / LPR;                                // vectors per lane
   static_assert(N % E == 0 && VPR >= 1 && (VPR & (VPR - 1)) == 0, "dstate: 16-byte vectors");
 };
 
@@ -100,7 +100,7 @@ __global__ void __launch_bounds__(256) ssu_fast(const Params p, const Launch l) 
   const int xb = (b * H + h) * P;                           // out / x / z offset of (b, h, 0)
   const DType pt = p.param_t;
   auto row = [&](int k) { return p0 + k * groups; };
-  auto on = [&](int k) { return row(k) < P; };               // uniform over a row's lanes
+  auto on = [&](int k) { return row(k) < P; };  // uniform over a row's lanes
 
   grid_dependency_wait();
   grid_dependents_launch();
@@ -138,16 +138,19 @@ __global__ void __launch_bounds__(256) ssu_fast(const Params p, const Launch l) 
 #pragma unroll
     for (int k = 0; k < KV; ++k) {
       const int hp = h * P + (on(k) ? row(k) : 0);
-      w_dtr[k] = per_row_dt ? ld_w_raw(p.dt, pt, p.dt_elem ? xb + (on(k) ? row(k) : 0) : b * H + h) : 0u;
+      w_dtr[k] =
+          per_row_dt ? ld_w_raw(p.dt, pt, p.dt_elem ? xb + (on(k) ? row(k) : 0) : b * H + h) : 0u;
       w_biasr[k] = p.has_dt_bias && p.bias_elem ? ld_w_raw(p.dt_bias, pt, hp) : 0u;
       w_Dr[k] = p.has_D && p.D_elem && lane == 0 ? ld_w_raw(p.D, pt, hp) : 0u;
 #pragma unroll
       for (int j = 0; j < VPL; ++j)
 #pragma unroll
         for (int q = 0; q < E / 4; ++q)
-          Ar[k][j * (E / 4) + q] =
-              p.A_elem ? __ldg(reinterpret_cast<const float4*>(p.A + (int64_t(hp) * N + (lane + j * LPR) * E)) + q)
-                       : make_float4(0.f, 0.f, 0.f, 0.f);
+          Ar[k][j * (E / 4) + q] = p.A_elem
+                                       ? __ldg(reinterpret_cast<const float4*>(
+                                                   p.A + (int64_t(hp) * N + (lane + j * LPR) * E)) +
+                                               q)
+                                       : make_float4(0.f, 0.f, 0.f, 0.f);
     }
   }
 
@@ -156,8 +159,12 @@ __global__ void __launch_bounds__(256) ssu_fast(const Params p, const Launch l) 
   bool ok = padded || slot_ok(vsrc, p.S);
   int64_t dst = -1;
   if (ok && !padded && p.update_state) {
-    if (!p.has_dst) dst = vsrc;
-    else if (vdst != p.pad) { ok = slot_ok(vdst, p.S); dst = vdst; }
+    if (!p.has_dst)
+      dst = vsrc;
+    else if (vdst != p.pad) {
+      ok = slot_ok(vdst, p.S);
+      dst = vdst;
+    }
   }
   if (!ok) {  // invalid: NaN out, nothing written
     if (lane == 0) {
@@ -172,7 +179,8 @@ __global__ void __launch_bounds__(256) ssu_fast(const Params p, const Launch l) 
   const uint32_t slot_elems = uint32_t(H) * uint32_t(P) * uint32_t(N);
   const uint32_t in_slot = uint32_t(h * P + p0) * uint32_t(N) + uint32_t(lane * E);
   const uint32_t row_step = uint32_t(groups) * uint32_t(N);
-  const SW* const src_row = static_cast<const SW*>(p.state) + uint64_t(padded ? 0 : vsrc) * slot_elems + in_slot;
+  const SW* const src_row =
+      static_cast<const SW*>(p.state) + uint64_t(padded ? 0 : vsrc) * slot_elems + in_slot;
   uint4 raw[KV][VPL];
 #pragma unroll
   for (int k = 0; k < KV; ++k)
@@ -193,7 +201,8 @@ __global__ void __launch_bounds__(256) ssu_fast(const Params p, const Launch l) 
   }
 
   // ---- update, dot with C, store ----
-  SW* const dst_row = dst >= 0 ? static_cast<SW*>(p.state) + uint64_t(dst) * slot_elems + in_slot : nullptr;
+  SW* const dst_row =
+      dst >= 0 ? static_cast<SW*>(p.state) + uint64_t(dst) * slot_elems + in_slot : nullptr;
   float acc[KV];
 #pragma unroll
   for (int k = 0; k < KV; ++k) {
@@ -212,14 +221,17 @@ __global__ void __launch_bounds__(256) ssu_fast(const Params p, const Launch l) 
       float s[E], dAe[E];
       cvt_state_vec<ST>(raw[k][j], s);
 #pragma unroll
-      for (int e = 0; e < E; ++e) dAe[e] = dA;
+      for (int e = 0; e < E; ++e)
+        dAe[e] = dA;
       if constexpr (ELEM) {
         if (p.A_elem) {
 #pragma unroll
           for (int q = 0; q < E / 4; ++q) {
             const float4 f = Ar[k][j * (E / 4) + q];
-            dAe[4 * q] = __expf(f.x * dtr); dAe[4 * q + 1] = __expf(f.y * dtr);
-            dAe[4 * q + 2] = __expf(f.z * dtr); dAe[4 * q + 3] = __expf(f.w * dtr);
+            dAe[4 * q] = __expf(f.x * dtr);
+            dAe[4 * q + 1] = __expf(f.y * dtr);
+            dAe[4 * q + 2] = __expf(f.z * dtr);
+            dAe[4 * q + 3] = __expf(f.w * dtr);
           }
         }
       }
@@ -243,7 +255,8 @@ __global__ void __launch_bounds__(256) ssu_fast(const Params p, const Launch l) 
 #pragma unroll
   for (int off = LPR / 2; off >= 1; off >>= 1)
 #pragma unroll
-    for (int k = 0; k < KV; ++k) acc[k] += __shfl_xor_sync(0xffffffffu, acc[k], off);
+    for (int k = 0; k < KV; ++k)
+      acc[k] += __shfl_xor_sync(0xffffffffu, acc[k], off);
   if (lane == 0) {
 #pragma unroll
     for (int k = 0; k < KV; ++k) {
@@ -340,7 +353,8 @@ __global__ void __launch_bounds__(256) ssu_fast_mtp(const Params p, const Launch
   const uint32_t slot_elems = uint32_t(H) * uint32_t(P) * uint32_t(N);
   const uint32_t in_slot = uint32_t(h * P + p0) * uint32_t(N) + uint32_t(lane * E);
   const uint32_t row_step = uint32_t(groups) * uint32_t(N);
-  const SW* const src_row = static_cast<const SW*>(p.state) + uint64_t(e.padded ? 0 : e.src) * slot_elems + in_slot;
+  const SW* const src_row =
+      static_cast<const SW*>(p.state) + uint64_t(e.padded ? 0 : e.src) * slot_elems + in_slot;
   uint4 raw[KV][VPL];
 #pragma unroll
   for (int k = 0; k < KV; ++k)
@@ -357,9 +371,11 @@ __global__ void __launch_bounds__(256) ssu_fast_mtp(const Params p, const Launch
 #pragma unroll
   for (int k = 0; k < KV; ++k)
 #pragma unroll
-    for (int j = 0; j < VPL; ++j) cvt_state_vec<ST>(raw[k][j], st[k][j]);
+    for (int j = 0; j < VPL; ++j)
+      cvt_state_vec<ST>(raw[k][j], st[k][j]);
 
-  SW* const inter_row = e.to_inter ? static_cast<SW*>(p.inter) + uint64_t(e.ii) * uint64_t(p.CS) * slot_elems + in_slot
+  SW* const inter_row = e.to_inter ? static_cast<SW*>(p.inter) +
+                                         uint64_t(e.ii) * uint64_t(p.CS) * slot_elems + in_slot
                                    : nullptr;
   for (int t = 0; t < len; ++t) {
     Step nxt;
@@ -368,7 +384,9 @@ __global__ void __launch_bounds__(256) ssu_fast_mtp(const Params p, const Launch
     if (p.softplus) dt = dev_softplus(dt);
     const float dA = __expf(A_h * dt);
     const bool store = cur.wslot >= 0 || inter_row != nullptr;
-    SW* const dst_row = cur.wslot >= 0 ? static_cast<SW*>(p.state) + uint64_t(cur.wslot) * slot_elems + in_slot : nullptr;
+    SW* const dst_row = cur.wslot >= 0
+                            ? static_cast<SW*>(p.state) + uint64_t(cur.wslot) * slot_elems + in_slot
+                            : nullptr;
     SW* const it_row = inter_row != nullptr ? inter_row + uint64_t(t) * slot_elems : nullptr;
     float acc[KV];
 #pragma unroll
@@ -387,15 +405,18 @@ __global__ void __launch_bounds__(256) ssu_fast_mtp(const Params p, const Launch
 #pragma unroll
         for (int j = 0; j < VPL; ++j) {
           const uint4 v = pack_state<ST>(st[k][j]);
-          if (it_row != nullptr) __stcs(reinterpret_cast<uint4*>(it_row + k * row_step + j * LPR * E), v);
-          if (dst_row != nullptr) __stcs(reinterpret_cast<uint4*>(dst_row + k * row_step + j * LPR * E), v);
+          if (it_row != nullptr)
+            __stcs(reinterpret_cast<uint4*>(it_row + k * row_step + j * LPR * E), v);
+          if (dst_row != nullptr)
+            __stcs(reinterpret_cast<uint4*>(dst_row + k * row_step + j * LPR * E), v);
         }
       }
     }
 #pragma unroll
     for (int off = LPR / 2; off >= 1; off >>= 1)
 #pragma unroll
-      for (int k = 0; k < KV; ++k) acc[k] += __shfl_xor_sync(0xffffffffu, acc[k], off);
+      for (int k = 0; k < KV; ++k)
+        acc[k] += __shfl_xor_sync(0xffffffffu, acc[k], off);
     if (lane == 0) {
       const int xb = ((row0 + t) * H + h) * P;
 #pragma unroll

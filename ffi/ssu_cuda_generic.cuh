@@ -7,7 +7,6 @@
 namespace ssu {
 namespace cuda {
 
-
 template <DType ST, DType IT>
 __global__ void __launch_bounds__(128) ssu_generic(const Params p, const Launch l) {
   extern __shared__ float smem[];
@@ -23,11 +22,13 @@ __global__ void __launch_bounds__(128) ssu_generic(const Params p, const Launch 
   float* s = smem + int64_t(warp) * N;  // each lane touches only its columns n = lane mod 32
 
   if (c.padded) {
-    for (int64_t n = lane; n < N; n += 32) s[n] = 0.f;
+    for (int64_t n = lane; n < N; n += 32)
+      s[n] = 0.f;
   } else {
     const int64_t off = (int64_t(c.src) * HP + hp) * N;
     const float sc = ST == DType::I16 ? p.state_scale[int64_t(c.src) * HP + hp] : 1.f;
-    for (int64_t n = lane; n < N; n += 32) s[n] = ld_state_scalar<ST>(p.state, off + n) * sc;
+    for (int64_t n = lane; n < N; n += 32)
+      s[n] = ld_state_scalar<ST>(p.state, off + n) * sc;
   }
   const float Dv = p.has_D ? ld_w(p.D, p.param_t, p.D_elem ? hp : h) : 0.f;
   const float bias = p.has_dt_bias ? ld_w(p.dt_bias, p.param_t, p.bias_elem ? hp : h) : 0.f;
@@ -38,13 +39,15 @@ __global__ void __launch_bounds__(128) ssu_generic(const Params p, const Launch 
     float sc = 1.f;
     if constexpr (ST == DType::I16) {
       float am = 0.f;
-      for (int64_t n = lane; n < N; n += 32) am = fmaxf(am, fabsf(s[n]));
+      for (int64_t n = lane; n < N; n += 32)
+        am = fmaxf(am, fabsf(s[n]));
       am = group_max<32>(am, 32);
       sc = int16_scale(am);
       if (lane == 0) scales[rb + hp] = sc;
     }
     const int64_t off = (rb + hp) * N;
-    for (int64_t n = lane; n < N; n += 32) st_state_scalar<ST>(base, off + n, s[n], sc, sx, t, kind);
+    for (int64_t n = lane; n < N; n += 32)
+      st_state_scalar<ST>(base, off + n, s[n], sc, sx, t, kind);
   };
 
   for (int t = 0; t < c.len; ++t) {

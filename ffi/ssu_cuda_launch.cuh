@@ -15,7 +15,6 @@
 namespace ssu {
 namespace cuda {
 
-
 // Persistent launch: as many CTAs as are resident at once (occupancy queried once per block
 // size and instantiation; a host-only query, so command-buffer capture is unaffected).
 template <DType ST, DType IT, int KV>
@@ -24,15 +23,16 @@ cudaError_t launch_step1(const Params& p, const Plan& pl, cudaStream_t stream) {
   const int slot = pl.threads / 32;
   int bps = per_sm[slot].load(std::memory_order_relaxed);
   if (bps == 0) {
-    cudaError_t err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&bps, ssu_simple_step1<ST, IT, KV>,
-                                                                    pl.threads, 0);
+    cudaError_t err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(
+        &bps, ssu_simple_step1<ST, IT, KV>, pl.threads, 0);
     if (err != cudaSuccess) return err;
     bps = bps > 0 ? bps : 1;
     per_sm[slot].store(bps, std::memory_order_relaxed);
   }
   const int64_t resident = int64_t(bps) * pl.sms;
   const int64_t blocks = pl.l.main_blocks < resident ? pl.l.main_blocks : resident;
-  ssu_simple_step1<ST, IT, KV><<<dim3(unsigned(blocks)), dim3(unsigned(pl.threads)), 0, stream>>>(p, pl.l);
+  ssu_simple_step1<ST, IT, KV>
+      <<<dim3(unsigned(blocks)), dim3(unsigned(pl.threads)), 0, stream>>>(p, pl.l);
   return cudaSuccess;
 }
 
@@ -46,8 +46,10 @@ cudaError_t launch_rows(const Params& p, const Plan& pl, dim3 grid, dim3 block,
   };
   auto pick = [&](auto nv) -> cudaError_t {
     constexpr int NV = decltype(nv)::value;
-    if constexpr (kHorizontal) return run(ssu_horizontal<ST, IT, NV>);
-    else return run(ssu_simple<ST, IT, NV>);
+    if constexpr (kHorizontal)
+      return run(ssu_horizontal<ST, IT, NV>);
+    else
+      return run(ssu_simple<ST, IT, NV>);
   };
   switch (pl.nv) {
     case 1: return pick(std::integral_constant<int, 1>{});
@@ -75,7 +77,8 @@ cudaError_t launch_fast_kernel(const Params& p, const Plan& pl, cudaStream_t str
   cfg.attrs = attr;
   cfg.numAttrs = pl.pdl ? 1 : 0;
   if constexpr (!ELEM) {
-    if (pl.kernel == Kernel::kFastMtp) return cudaLaunchKernelEx(&cfg, ssu_fast_mtp<ST, IT, N, KV>, p, pl.l);
+    if (pl.kernel == Kernel::kFastMtp)
+      return cudaLaunchKernelEx(&cfg, ssu_fast_mtp<ST, IT, N, KV>, p, pl.l);
   }
   return cudaLaunchKernelEx(&cfg, ssu_fast<ST, IT, N, KV, ELEM>, p, pl.l);
 }
@@ -122,7 +125,8 @@ template <DType ST, DType IT>
 cudaError_t launch_input(const Params& p, const Plan& pl, cudaStream_t stream) {
   const int64_t blocks = pl.l.main_blocks + pl.l.zero_blocks;
   const dim3 grid(static_cast<unsigned>(blocks)), block(static_cast<unsigned>(pl.threads));
-  if (pl.kernel == Kernel::kFast || pl.kernel == Kernel::kFastMtp) return launch_fast<ST, IT>(p, pl, stream);
+  if (pl.kernel == Kernel::kFast || pl.kernel == Kernel::kFastMtp)
+    return launch_fast<ST, IT>(p, pl, stream);
   if (pl.kernel == Kernel::kVertical) return launch_vert<ST, IT>(p, pl, grid, block, stream);
   if (pl.kernel == Kernel::kSimpleStep1) {
     switch (pl.nv) {
@@ -135,15 +139,16 @@ cudaError_t launch_input(const Params& p, const Plan& pl, cudaStream_t stream) {
   }
   if (pl.kernel == Kernel::kGeneric) {
     if (pl.smem > 48 * 1024) {
-      cudaError_t err = cudaFuncSetAttribute(ssu_generic<ST, IT>,
-                                             cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                             static_cast<int>(pl.smem));
+      cudaError_t err =
+          cudaFuncSetAttribute(ssu_generic<ST, IT>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                               static_cast<int>(pl.smem));
       if (err != cudaSuccess) return err;
     }
     ssu_generic<ST, IT><<<grid, block, pl.smem, stream>>>(p, pl.l);
     return cudaSuccess;
   }
-  if (pl.kernel == Kernel::kHorizontal) return launch_rows<ST, IT, true>(p, pl, grid, block, stream);
+  if (pl.kernel == Kernel::kHorizontal)
+    return launch_rows<ST, IT, true>(p, pl, grid, block, stream);
   return launch_rows<ST, IT, false>(p, pl, grid, block, stream);
 }
 

@@ -36,10 +36,11 @@ static std::tuple<int, int> device_limits() {
 static std::tuple<double, double, double, int64_t, int> copy_ceiling(int64_t nbytes, int reps,
                                                                      int warmup, int device,
                                                                      int64_t min_nbytes) {
-  if (nbytes <= 0) throw std::invalid_argument("copy_ceiling: nbytes must be > 0, got " +
-                                               std::to_string(nbytes));
-  if (min_nbytes <= 0) throw std::invalid_argument("copy_ceiling: min_nbytes must be > 0, got " +
-                                                   std::to_string(min_nbytes));
+  if (nbytes <= 0)
+    throw std::invalid_argument("copy_ceiling: nbytes must be > 0, got " + std::to_string(nbytes));
+  if (min_nbytes <= 0)
+    throw std::invalid_argument("copy_ceiling: min_nbytes must be > 0, got " +
+                                std::to_string(min_nbytes));
   jax_mamba_copy::Ceiling c;
   std::string err;
   {

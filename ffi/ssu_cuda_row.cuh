@@ -11,9 +11,9 @@
 //
 // Every CTA works on one (entry, head, row chunk): entry = batch row or varlen sequence, so
 // resolve_entry (ssu_params.h) runs uniformly per CTA on device-resident indices.
-// Varlen (docs/semantics.md, "Invalid runtime data"): a valid sequence owns its rows of `out` alone (overlapping sequences are
-// both invalid, resolve_entry), so CTAs never write the same row with different values; rows
-// no sequence owns are zeroed by extra "zero" CTAs.
+// Varlen (docs/semantics.md, "Invalid runtime data"): a valid sequence owns its rows of `out` alone
+// (overlapping sequences are both invalid, resolve_entry), so CTAs never write the same row with
+// different values; rows no sequence owns are zeroed by extra "zero" CTAs.
 #pragma once
 #include <atomic>
 #include <cstdint>
@@ -35,19 +35,26 @@ namespace cuda {
 template <DType T>
 __device__ __forceinline__ float half_word(uint32_t w, int hi) {  // 16-bit element of a word
   const uint32_t h = hi ? (w >> 16) : (w & 0xffffu);
-  if constexpr (T == DType::BF16) return __uint_as_float(h << 16);
-  else if constexpr (T == DType::F16) return __half2float(__ushort_as_half((unsigned short)h));
-  else return float(int32_t(h << 16) >> 16);  // I16
+  if constexpr (T == DType::BF16)
+    return __uint_as_float(h << 16);
+  else if constexpr (T == DType::F16)
+    return __half2float(__ushort_as_half((unsigned short)h));
+  else
+    return float(int32_t(h << 16) >> 16);  // I16
 }
 
 template <DType T>
 __device__ __forceinline__ float ld_scalar(const void* base, int64_t i) {  // read-only inputs
-  if constexpr (T == DType::F32) return __ldg(static_cast<const float*>(base) + i);
+  if constexpr (T == DType::F32)
+    return __ldg(static_cast<const float*>(base) + i);
   else {
     const uint16_t u = __ldg(static_cast<const unsigned short*>(base) + i);
-    if constexpr (T == DType::BF16) return __uint_as_float(uint32_t(u) << 16);
-    else if constexpr (T == DType::F16) return __half2float(__ushort_as_half(u));
-    else return float(int16_t(u));
+    if constexpr (T == DType::BF16)
+      return __uint_as_float(uint32_t(u) << 16);
+    else if constexpr (T == DType::F16)
+      return __half2float(__ushort_as_half(u));
+    else
+      return float(int16_t(u));
   }
 }
 
@@ -62,15 +69,19 @@ __device__ __forceinline__ float ld_w(const void* base, DType t, int64_t i) {
 
 template <DType T>
 __device__ __forceinline__ uint16_t to16_rn(float v) {
-  if constexpr (T == DType::BF16) return f32_to_bf16_rn(v);
-  else return __half_as_ushort(__float2half_rn(v));
+  if constexpr (T == DType::BF16)
+    return f32_to_bf16_rn(v);
+  else
+    return __half_as_ushort(__float2half_rn(v));
 }
 
 // out / NaN / zero stores (round to nearest even).
 template <DType T>
 __device__ __forceinline__ void st_out(void* base, int64_t i, float v) {
-  if constexpr (T == DType::F32) static_cast<float*>(base)[i] = v;
-  else static_cast<uint16_t*>(base)[i] = to16_rn<T>(v);
+  if constexpr (T == DType::F32)
+    static_cast<float*>(base)[i] = v;
+  else
+    static_cast<uint16_t*>(base)[i] = to16_rn<T>(v);
 }
 
 // E consecutive input elements (E * sizeof(T) bytes, aligned to that size) as fp32.
@@ -81,18 +92,25 @@ __device__ __forceinline__ void ld_in_vec(const void* base, int64_t i, float (&v
 #pragma unroll
     for (int j = 0; j < E / 4; ++j) {
       const float4 f = __ldg(q + j);
-      v[4 * j] = f.x; v[4 * j + 1] = f.y; v[4 * j + 2] = f.z; v[4 * j + 3] = f.w;
+      v[4 * j] = f.x;
+      v[4 * j + 1] = f.y;
+      v[4 * j + 2] = f.z;
+      v[4 * j + 3] = f.w;
     }
   } else {
     const uint16_t* b = static_cast<const uint16_t*>(base) + i;
     uint32_t w[E / 2];
     if constexpr (E == 8) {
       const uint4 u = __ldg(reinterpret_cast<const uint4*>(b));
-      w[0] = u.x; w[1] = u.y; w[2] = u.z; w[3] = u.w;
+      w[0] = u.x;
+      w[1] = u.y;
+      w[2] = u.z;
+      w[3] = u.w;
     } else {
       static_assert(E == 4, "16-bit input vectors are 4 or 8 elements");
       const uint2 u = __ldg(reinterpret_cast<const uint2*>(b));
-      w[0] = u.x; w[1] = u.y;
+      w[0] = u.x;
+      w[1] = u.y;
     }
 #pragma unroll
     for (int j = 0; j < E / 2; ++j) {
@@ -106,8 +124,10 @@ __device__ __forceinline__ void ld_in_vec(const void* base, int64_t i, float (&v
 template <DType ST>
 __device__ __forceinline__ void cvt_state_vec(const uint4 u, float* v) {
   if constexpr (ST == DType::F32) {
-    v[0] = __uint_as_float(u.x); v[1] = __uint_as_float(u.y);
-    v[2] = __uint_as_float(u.z); v[3] = __uint_as_float(u.w);
+    v[0] = __uint_as_float(u.x);
+    v[1] = __uint_as_float(u.y);
+    v[2] = __uint_as_float(u.z);
+    v[3] = __uint_as_float(u.w);
   } else {
     const uint32_t w[4] = {u.x, u.y, u.z, u.w};
 #pragma unroll
@@ -121,9 +141,9 @@ __device__ __forceinline__ void cvt_state_vec(const uint4 u, float* v) {
 // One 16-byte state vector (E elements) -> fp32 (streaming load: read once, written once).
 template <DType ST, int E>
 __device__ __forceinline__ void ld_state_vec(const void* base, int64_t i, float* v) {
-  cvt_state_vec<ST>(__ldcs(reinterpret_cast<const uint4*>(
-                        static_cast<const typename Stor<ST>::type*>(base) + i)),
-                    v);
+  cvt_state_vec<ST>(
+      __ldcs(reinterpret_cast<const uint4*>(static_cast<const typename Stor<ST>::type*>(base) + i)),
+      v);
 }
 
 struct StoreCtx {  // what a state store needs besides the values
@@ -160,7 +180,8 @@ __device__ __forceinline__ void st_state_vec(void* base, int64_t off, const floa
           q[i] = ST == DType::BF16 ? f32_to_bf16_sr(v[i], rnd) : f32_to_f16_sr(v[i], rnd);
         }
 #pragma unroll
-        for (int j = 0; j < 4; ++j) w[j] = uint32_t(q[2 * j]) | (uint32_t(q[2 * j + 1]) << 16);
+        for (int j = 0; j < 4; ++j)
+          w[j] = uint32_t(q[2 * j]) | (uint32_t(q[2 * j + 1]) << 16);
       } else if constexpr (ST == DType::BF16) {
 #pragma unroll
         for (int j = 0; j < 4; ++j) {
@@ -183,17 +204,22 @@ __device__ __forceinline__ void st_state_vec(void* base, int64_t off, const floa
 template <DType ST>
 __device__ __forceinline__ float ld_state_scalar(const void* base, int64_t i) {
   const auto u = static_cast<const typename Stor<ST>::type*>(base)[i];
-  if constexpr (ST == DType::F32) return u;
-  else if constexpr (ST == DType::I16) return float(u);
-  else return half_word<ST>(uint32_t(u), 0);
+  if constexpr (ST == DType::F32)
+    return u;
+  else if constexpr (ST == DType::I16)
+    return float(u);
+  else
+    return half_word<ST>(uint32_t(u), 0);
 }
 
 template <DType ST>
 __device__ __forceinline__ void st_state_scalar(void* base, int64_t i, float v, float sc,
                                                 const StoreCtx& sx, uint32_t t, uint32_t kind) {
   auto* q = static_cast<typename Stor<ST>::type*>(base);
-  if constexpr (ST == DType::F32) q[i] = v;
-  else if constexpr (ST == DType::I16) q[i] = int16_encode(v, sc);
+  if constexpr (ST == DType::F32)
+    q[i] = v;
+  else if constexpr (ST == DType::I16)
+    q[i] = int16_encode(v, sc);
   else {
     if (sx.sr) {
       const Rand4 r = sr_block(uint64_t(i), t, kind, sx.k0, sx.k1, sx.rounds);
@@ -210,12 +236,8 @@ __device__ __forceinline__ void st_state_scalar(void* base, int64_t i, float v, 
 // recurrence scalars (fast intrinsics; the state/out encodings above are exact)
 // ---------------------------------------------------------------------------------------------
 
-__device__ __forceinline__ float dev_softplus(float v) {
-  return v <= 20.f ? log1pf(__expf(v)) : v;
-}
-__device__ __forceinline__ float dev_gate(float y, float z) {
-  return y * (z / (1.f + __expf(-z)));
-}
+__device__ __forceinline__ float dev_softplus(float v) { return v <= 20.f ? log1pf(__expf(v)) : v; }
+__device__ __forceinline__ float dev_gate(float y, float z) { return y * (z / (1.f + __expf(-z))); }
 
 template <int WIDTH>
 __device__ __forceinline__ float group_sum(float v, int L) {
@@ -252,14 +274,16 @@ __device__ __forceinline__ StoreCtx store_ctx(const Params& p, bool sr_dtype) {
 // CTA prologue: grid decomposition, varlen coverage, zero fill, invalid entries
 // ---------------------------------------------------------------------------------------------
 
-// Rows of `out` that no sequence owns are 0 (docs/semantics.md, "Invalid runtime data"). With cu_seqlens non-decreasing they
-// are [0, cu[0]) and [cu[nb], rows); otherwise (invalid input, the slow path) each row's
-// ownership is looked up over all sequences. Main CTAs never write these rows.
+// Rows of `out` that no sequence owns are 0 (docs/semantics.md, "Invalid runtime data"). With
+// cu_seqlens non-decreasing they are [0, cu[0]) and [cu[nb], rows); otherwise (invalid input, the
+// slow path) each row's ownership is looked up over all sequences. Main CTAs never write these
+// rows.
 template <DType IT>
 __device__ void zero_fill(const Params& p, const Launch& l, int64_t zb) {
   bool mono = true;
   for (int64_t i = threadIdx.x; i < p.nb; i += blockDim.x)
-    mono = mono && load_index(p.cu_seqlens, p.cu_seqlens64, i) <= load_index(p.cu_seqlens, p.cu_seqlens64, i + 1);
+    mono = mono && load_index(p.cu_seqlens, p.cu_seqlens64, i) <=
+                       load_index(p.cu_seqlens, p.cu_seqlens64, i + 1);
   mono = __syncthreads_and(mono);
   const int64_t HP = p.H * p.P;
   if (mono) {
@@ -278,7 +302,8 @@ __device__ void zero_fill(const Params& p, const Launch& l, int64_t zb) {
       owned = r >= q.lo && r < q.hi;
     }
     if (__syncthreads_or(owned)) continue;
-    for (int64_t i = threadIdx.x; i < HP; i += blockDim.x) st_out<IT>(p.out, r * HP + i, 0.f);
+    for (int64_t i = threadIdx.x; i < HP; i += blockDim.x)
+      st_out<IT>(p.out, r * HP + i, 0.f);
   }
 }
 
@@ -314,8 +339,8 @@ __device__ __forceinline__ bool prologue(const Params& p, const Launch& l, Ctx& 
   if (p.varlen) {  // seq_overlaps, the sequences split over the CTA's threads
     const SeqSpan q = seq_span(p, c.b);
     const int64_t per = (p.nb + blockDim.x - 1) / blockDim.x, t0 = threadIdx.x * per;
-    const bool mine = seq_overlaps(p, q, c.b, t0 < p.nb ? t0 : p.nb,
-                                   t0 + per < p.nb ? t0 + per : p.nb);
+    const bool mine =
+        seq_overlaps(p, q, c.b, t0 < p.nb ? t0 : p.nb, t0 + per < p.nb ? t0 + per : p.nb);
     overlapped = __syncthreads_or(mine);
   }
   const Entry e = resolve_entry(p, c.b, overlapped);
@@ -340,8 +365,8 @@ __device__ __forceinline__ bool prologue(const Params& p, const Launch& l, Ctx& 
 // run_rows: the T steps of the register-row kernels
 // ---------------------------------------------------------------------------------------------
 
-// The T steps of the register-row kernels (simple, horizontal, vertical) on the RM rows a lane group
-// holds decoded in `s` (fp32, NV 16-byte vectors per lane): recurrence, group reduction, out,
+// The T steps of the register-row kernels (simple, horizontal, vertical) on the RM rows a lane
+// group holds decoded in `s` (fp32, NV 16-byte vectors per lane): recurrence, group reduction, out,
 // and the state / intermediate stores. Rows: hp[r] (head*P + p), active where bit r of `act`.
 // load_bc(t, k, Bk, Ck) writes the E values of step t's B and C at this lane's vector k; with
 // several rows per lane they are loaded once per step for all rows.
@@ -375,7 +400,8 @@ __device__ __forceinline__ void run_rows(const Params& p, const Ctx& c, int L, i
       if constexpr (ST == DType::I16) {
         float am = 0.f;
 #pragma unroll
-        for (int i = 0; i < V; ++i) am = fmaxf(am, fabsf(s[r][i]));
+        for (int i = 0; i < V; ++i)
+          am = fmaxf(am, fabsf(s[r][i]));
         am = group_max<32>(am, L);
         sc = int16_scale(am);
         if (lane == 0 && on(r)) scales[rb + hp[r]] = sc;
@@ -399,7 +425,10 @@ __device__ __forceinline__ void run_rows(const Params& p, const Ctx& c, int L, i
           load_bc(t, k, &Bv[k * E], &Cv[k * E]);
         } else {
 #pragma unroll
-          for (int i = 0; i < E; ++i) { Bv[k * E + i] = 0.f; Cv[k * E + i] = 0.f; }
+          for (int i = 0; i < E; ++i) {
+            Bv[k * E + i] = 0.f;
+            Cv[k * E + i] = 0.f;
+          }
         }
       }
     }
@@ -423,7 +452,10 @@ __device__ __forceinline__ void run_rows(const Params& p, const Ctx& c, int L, i
         float Bk[E], Ck[E];
         if constexpr (RM > 1) {
 #pragma unroll
-          for (int i = 0; i < E; ++i) { Bk[i] = Bv[k * E + i]; Ck[i] = Cv[k * E + i]; }
+          for (int i = 0; i < E; ++i) {
+            Bk[i] = Bv[k * E + i];
+            Ck[i] = Cv[k * E + i];
+          }
         } else {
           load_bc(t, k, Bk, Ck);
         }
@@ -433,12 +465,15 @@ __device__ __forceinline__ void run_rows(const Params& p, const Ctx& c, int L, i
 #pragma unroll
           for (int j = 0; j < E / 4; ++j) {
             const float4 f = __ldg(ap + j);
-            a[4 * j] = __expf(f.x * dtr); a[4 * j + 1] = __expf(f.y * dtr);
-            a[4 * j + 2] = __expf(f.z * dtr); a[4 * j + 3] = __expf(f.w * dtr);
+            a[4 * j] = __expf(f.x * dtr);
+            a[4 * j + 1] = __expf(f.y * dtr);
+            a[4 * j + 2] = __expf(f.z * dtr);
+            a[4 * j + 3] = __expf(f.w * dtr);
           }
         } else {
 #pragma unroll
-          for (int i = 0; i < E; ++i) a[i] = dA;
+          for (int i = 0; i < E; ++i)
+            a[i] = dA;
         }
 #pragma unroll
         for (int i = 0; i < E; ++i) {
@@ -451,7 +486,8 @@ __device__ __forceinline__ void run_rows(const Params& p, const Ctx& c, int L, i
       y[r] = acc;
     }
 #pragma unroll
-    for (int r = 0; r < RM; ++r) y[r] = group_sum<32>(y[r], L);
+    for (int r = 0; r < RM; ++r)
+      y[r] = group_sum<32>(y[r], L);
     if (lane == 0) {
 #pragma unroll
       for (int r = 0; r < RM; ++r) {

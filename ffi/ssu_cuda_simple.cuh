@@ -59,7 +59,8 @@ __device__ __forceinline__ void register_rows(const Params& p, const Launch& l) 
 #pragma unroll
   for (int r = 0; r < RM; ++r)
 #pragma unroll
-    for (int i = 0; i < V; ++i) s[r][i] = 0.f;
+    for (int i = 0; i < V; ++i)
+      s[r][i] = 0.f;
   if (!c.padded) {
     const int64_t base = int64_t(c.src) * HP;
 #pragma unroll
@@ -74,19 +75,18 @@ __device__ __forceinline__ void register_rows(const Params& p, const Launch& l) 
       for (int r = 0; r < RM; ++r) {
         const float sc = on(r) ? p.state_scale[base + hp[r]] : 0.f;
 #pragma unroll
-        for (int i = 0; i < V; ++i) s[r][i] *= sc;
+        for (int i = 0; i < V; ++i)
+          s[r][i] *= sc;
       }
     }
   }
 
-  run_rows<ST, IT, NV>(p, c, L, lane, hp, act, s,
-                       [&](int t, int k, float* Bk, float* Ck) {
-                         const int64_t bc = (int64_t(c.row0 + t) * p.G + g) * N;
-                         ld_in_vec<IT, E>(p.B, bc + col(k), *reinterpret_cast<float(*)[E]>(Bk));
-                         ld_in_vec<IT, E>(p.C, bc + col(k), *reinterpret_cast<float(*)[E]>(Ck));
-                       });
+  run_rows<ST, IT, NV>(p, c, L, lane, hp, act, s, [&](int t, int k, float* Bk, float* Ck) {
+    const int64_t bc = (int64_t(c.row0 + t) * p.G + g) * N;
+    ld_in_vec<IT, E>(p.B, bc + col(k), *reinterpret_cast<float (*)[E]>(Bk));
+    ld_in_vec<IT, E>(p.C, bc + col(k), *reinterpret_cast<float (*)[E]>(Ck));
+  });
 }
-
 
 template <DType ST, DType IT, int NV>
 __global__ void __launch_bounds__(256, RegMinBlocks<ST, NV>::value)

@@ -2,15 +2,15 @@
 // "auto": a persistent form of the register-row layout. Uses the row module's helpers
 // (prologue/Ctx, vector loads and stores, dt_value, group reductions).
 //
-// ssu_simple_step1<ST, IT, KV>: a work item is (entry, head, row chunk); a persistent CTA loops over
-// items, loading the next while computing the current one. A state row is VPR = N / E
-// 16-byte vectors (VPR a power of two <= 32); lane j of each group of VPR consecutive lanes
-// owns column block j of every row it touches, so its B and C vectors are loaded once. A thread
-// owns KV rows (chunk rows (tid / VPR) + k * (threads / VPR)): all KV state vectors are loaded
-// first (KV * 16 bytes in flight per thread), kept as raw words, then each row is decoded,
-// stepped, reduced over its group and stored in turn. With one step the state never needs to
-// be held in fp32 as a whole, which is what lets KV grow without spilling (the register-row
-// kernel keeps RM x V fp32 values live across the steps).
+// ssu_simple_step1<ST, IT, KV>: a work item is (entry, head, row chunk); a persistent CTA loops
+// over items, loading the next while computing the current one. A state row is VPR = N / E 16-byte
+// vectors (VPR a power of two <= 32); lane j of each group of VPR consecutive lanes owns column
+// block j of every row it touches, so its B and C vectors are loaded once. A thread owns KV rows
+// (chunk rows (tid / VPR) + k * (threads / VPR)): all KV state vectors are loaded first (KV * 16
+// bytes in flight per thread), kept as raw words, then each row is decoded, stepped, reduced over
+// its group and stored in turn. With one step the state never needs to be held in fp32 as a whole,
+// which is what lets KV grow without spilling (the register-row kernel keeps RM x V fp32 values
+// live across the steps).
 #pragma once
 #include "ssu_cuda_row.cuh"
 
@@ -31,14 +31,21 @@ __device__ __forceinline__ void ld_in_raw(const void* base, int64_t i, InRaw<IT,
 #pragma unroll
     for (int k = 0; k < E / 4; ++k) {
       const uint4 u = __ldg(q + k);
-      r.w[4 * k] = u.x; r.w[4 * k + 1] = u.y; r.w[4 * k + 2] = u.z; r.w[4 * k + 3] = u.w;
+      r.w[4 * k] = u.x;
+      r.w[4 * k + 1] = u.y;
+      r.w[4 * k + 2] = u.z;
+      r.w[4 * k + 3] = u.w;
     }
   } else if constexpr (E == 8) {
     const uint4 u = __ldg(reinterpret_cast<const uint4*>(static_cast<const uint16_t*>(base) + i));
-    r.w[0] = u.x; r.w[1] = u.y; r.w[2] = u.z; r.w[3] = u.w;
+    r.w[0] = u.x;
+    r.w[1] = u.y;
+    r.w[2] = u.z;
+    r.w[3] = u.w;
   } else {
     const uint2 u = __ldg(reinterpret_cast<const uint2*>(static_cast<const uint16_t*>(base) + i));
-    r.w[0] = u.x; r.w[1] = u.y;
+    r.w[0] = u.x;
+    r.w[1] = u.y;
   }
 }
 
@@ -135,7 +142,8 @@ struct Step1 {
       if (pk < P) {
         if (!c.padded) {
           ld.raw[k] = __ldcs(reinterpret_cast<const uint4*>(static_cast<const SW*>(p.state) +
-                                                            (src_row0 + pk) * N) + j);
+                                                            (src_row0 + pk) * N) +
+                             j);
           if constexpr (ST == DType::I16) ld.qs[k] = p.state_scale[src_row0 + pk];
         }
         ld.xr[k] = ld_scalar<IT>(p.x, xrow + pk);
@@ -159,7 +167,8 @@ struct Step1 {
   }
 
   __device__ __forceinline__ void compute(const Ctx& c, int qh, int qb,
-                                          const Step1Loads<ST, IT, KV>& ld, Step1Head<E>& hv) const {
+                                          const Step1Loads<ST, IT, KV>& ld,
+                                          Step1Head<E>& hv) const {
     const int H = int(p.H), P = int(p.P), HP = H * P;
     const int h = c.h + qh;
     if (h != hv.h) head_values(c, h, hv);  // uniform over the CTA
@@ -168,8 +177,8 @@ struct Step1 {
     const int64_t xrow = int64_t(row) * HP;
     const int hp0 = h * P;
     const bool dt_row = p.dt_elem || p.bias_elem;  // dt differs between rows
-    const int d = c.chunk;                   // state slot written, -1: none
-    const bool to_inter = c.ii >= 0;         // intermediate row ii, step 0
+    const int d = c.chunk;                         // state slot written, -1: none
+    const bool to_inter = c.ii >= 0;               // intermediate row ii, step 0
     const StoreCtx sx = store_ctx(p, kSR);
     const int64_t inter_row0 = int64_t(c.ii) * p.CS * HP + hp0;
 #pragma unroll
@@ -181,7 +190,8 @@ struct Step1 {
       cvt_state_vec<ST>(ld.raw[k], s);
       if constexpr (ST == DType::I16) {
 #pragma unroll
-        for (int i = 0; i < E; ++i) s[i] *= ld.qs[k];
+        for (int i = 0; i < E; ++i)
+          s[i] *= ld.qs[k];
       }
       float dtr = hv.dt, dA = hv.dA;
       if (dt_row) {
@@ -195,12 +205,15 @@ struct Step1 {
 #pragma unroll
         for (int r = 0; r < E / 4; ++r) {
           const float4 f = __ldg(ap + r);
-          a[4 * r] = __expf(f.x * dtr); a[4 * r + 1] = __expf(f.y * dtr);
-          a[4 * r + 2] = __expf(f.z * dtr); a[4 * r + 3] = __expf(f.w * dtr);
+          a[4 * r] = __expf(f.x * dtr);
+          a[4 * r + 1] = __expf(f.y * dtr);
+          a[4 * r + 2] = __expf(f.z * dtr);
+          a[4 * r + 3] = __expf(f.w * dtr);
         }
       } else {
 #pragma unroll
-        for (int i = 0; i < E; ++i) a[i] = dA;
+        for (int i = 0; i < E; ++i)
+          a[i] = dA;
       }
       float acc = 0.f;
 #pragma unroll
@@ -222,18 +235,21 @@ struct Step1 {
       if constexpr (ST == DType::I16) {
         float am = 0.f;
 #pragma unroll
-        for (int i = 0; i < E; ++i) am = fmaxf(am, fabsf(s[i]));
+        for (int i = 0; i < E; ++i)
+          am = fmaxf(am, fabsf(s[i]));
         sc = int16_scale(group_max<32>(am, VPR));
       }
       if (!on) continue;
       if (d >= 0) {
         const int64_t r = int64_t(d) * HP + hp;
-        if constexpr (ST == DType::I16) if (j == 0) p.state_scale[r] = sc;
+        if constexpr (ST == DType::I16)
+          if (j == 0) p.state_scale[r] = sc;
         st_state_vec<ST, E>(p.state, r * N + int64_t(j) * E, s, sc, sx, 0u, 0u);
       }
       if (to_inter) {
         const int64_t r = inter_row0 + pp;
-        if constexpr (ST == DType::I16) if (j == 0) p.inter_scales[r] = sc;
+        if constexpr (ST == DType::I16)
+          if (j == 0) p.inter_scales[r] = sc;
         st_state_vec<ST, E>(p.inter, r * N + int64_t(j) * E, s, sc, sx, 0u, 1u);
       }
     }
@@ -250,7 +266,8 @@ struct Step1MinBlocks {
 // their batches; the loads of the next batch (of this item or the next) are issued before the
 // current batch is computed, so every thread keeps KV state vectors in flight throughout.
 template <DType ST, DType IT, int KV>
-__global__ void __launch_bounds__(256, Step1MinBlocks<KV>::value) ssu_simple_step1(const Params p, const Launch l) {
+__global__ void __launch_bounds__(256, Step1MinBlocks<KV>::value)
+    ssu_simple_step1(const Params p, const Launch l) {
   using W = Step1<ST, IT, KV>;
   const W w{p, l, 1 << l.lshift, int(threadIdx.x) & ((1 << l.lshift) - 1),
             int(blockDim.x) >> l.lshift};

@@ -1,6 +1,6 @@
-// "vertical" CUDA strategy of selective_state_update (docs/performance.md, "Strategies"): a producer-consumer pipeline
-// of state row tiles through a shared-memory ring. Uses the row module (ssu_cuda_row.cuh):
-// prologue/Ctx, state vector stores, dt_value, group reductions, run_rows.
+// "vertical" CUDA strategy of selective_state_update (docs/performance.md, "Strategies"): a
+// producer-consumer pipeline of state row tiles through a shared-memory ring. Uses the row module
+// (ssu_cuda_row.cuh): prologue/Ctx, state vector stores, dt_value, group reductions, run_rows.
 //
 // ssu_vertical<ST, IT, NV>: a CTA owns (entry, head, row chunk) like the other kernels. The rows of
 // one (slot, head) are contiguous in memory, so the chunk's source rows are one contiguous
@@ -11,14 +11,17 @@
 //     tracked by a per-stage mbarrier (arrive.expect_tx + transaction bytes); the consumers wait
 //     on the stage's phase parity. sm_80: every thread issues 16-byte cp.async.cg copies, one
 //     commit group per tile (empty groups past the end keep the count uniform), wait_group.
-//   * Consumers: the same lane-group layout as the register-row kernels (L = 2^lshift lanes per row, NV 16-byte
+//   * Consumers: the same lane-group layout as the register-row kernels (L = 2^lshift lanes per
+//   row, NV 16-byte
 //     vectors per lane, R rows per group): a group copies its rows of the tile from shared
 //     memory into fp32 registers, the CTA synchronises (the stage is free) and thread 0 refills
 //     the stage with tile i + kVertStages, then the rows run all T steps in registers (same
-//     math and store order as the register-row kernels) with out / state / intermediate stores straight to
-//     global memory. So while tile i is computed, tiles i+1 .. i+kVertStages are in flight.
+//     math and store order as the register-row kernels) with out / state / intermediate stores
+//     straight to global memory. So while tile i is computed, tiles i+1 .. i+kVertStages are in
+//     flight.
 //   * B and C of every step are converted to fp32 once per CTA into shared memory when the
-//     entry has at most l.bc_steps steps (else read from global per step, like the register-row kernels).
+//     entry has at most l.bc_steps steps (else read from global per step, like the register-row
+//     kernels).
 //   * Padded entries use a zero state and skip the pipeline.
 // Restrictions (make_plan / ops.check_algorithm): N % E == 0 and N <= 256 (NV = 1, or 2 for
 // float32 states with N > 128).
@@ -52,8 +55,9 @@ __device__ __forceinline__ void mbar_arrive_expect_tx(uint64_t* bar, uint32_t by
 __device__ __forceinline__ void bulk_g2s(void* dst, const void* src, uint32_t bytes,
                                          uint64_t* bar) {
   asm volatile(
-      "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];"
-      ::"r"(smem_u32(dst)), "l"(src), "r"(bytes), "r"(smem_u32(bar))
+      "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];" ::
+          "r"(smem_u32(dst)),
+      "l"(src), "r"(bytes), "r"(smem_u32(bar))
       : "memory");
 }
 // Returns once the phase with parity `parity` of `bar` has completed.
@@ -83,7 +87,6 @@ __device__ __forceinline__ void cp_async_wait() {
 }
 #endif
 
-
 }  // namespace vert
 
 template <DType ST, DType IT, int NV>
@@ -103,8 +106,8 @@ __global__ void __launch_bounds__(kVertThreads, 6) ssu_vertical(const Params p, 
   const int tid = int(threadIdx.x), nthr = int(blockDim.x);
   const int L = 1 << l.lshift;
   const int lane = tid & (L - 1);
-  const int gi = tid >> l.lshift;     // lane group
-  const int G = nthr >> l.lshift;     // lane groups per CTA; tile_rows = G * R
+  const int gi = tid >> l.lshift;  // lane group
+  const int G = nthr >> l.lshift;  // lane groups per CTA; tile_rows = G * R
   const int HP = int(p.H * p.P), P = int(p.P);
   const int h = c.h;
   const int64_t N = p.N;
@@ -151,14 +154,15 @@ __global__ void __launch_bounds__(kVertThreads, 6) ssu_vertical(const Params p, 
     for (int i = tid; i < cnt; i += nthr) {
       const int t = i / n2, n = i - t * n2;
       const int64_t bc = (int64_t(c.row0 + t) * p.G + g) * N + n;
-      bcs[2 * i - n] = ld_scalar<IT>(p.B, bc);        // t*2N + n
-      bcs[2 * i - n + n2] = ld_scalar<IT>(p.C, bc);   // t*2N + N + n
+      bcs[2 * i - n] = ld_scalar<IT>(p.B, bc);       // t*2N + n
+      bcs[2 * i - n + n2] = ld_scalar<IT>(p.C, bc);  // t*2N + N + n
     }
   }
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   if (pipe && tid == 0) {
 #pragma unroll
-    for (int s = 0; s < S; ++s) vert::mbar_init(&full[s], 1u);
+    for (int s = 0; s < S; ++s)
+      vert::mbar_init(&full[s], 1u);
     vert::mbar_init_fence();
   }
 #endif
@@ -177,8 +181,8 @@ __global__ void __launch_bounds__(kVertThreads, 6) ssu_vertical(const Params p, 
   auto col = [&](int k) { return int64_t(lane + k * L) * E; };
 
   for (int i = 0; i < ntiles; ++i) {
-    const int tr0 = p0 + i * TR;                       // first row (of P) of the tile
-    const int nr = min(TR, p1 - tr0);                  // rows in the tile
+    const int tr0 = p0 + i * TR;       // first row (of P) of the tile
+    const int nr = min(TR, p1 - tr0);  // rows in the tile
     int hp[RM];
     unsigned act = 0;  // bit r: row r of this lane group exists
 #pragma unroll
@@ -194,7 +198,8 @@ __global__ void __launch_bounds__(kVertThreads, 6) ssu_vertical(const Params p, 
 #pragma unroll
     for (int r = 0; r < RM; ++r)
 #pragma unroll
-      for (int v = 0; v < V; ++v) s[r][v] = 0.f;
+      for (int v = 0; v < V; ++v)
+        s[r][v] = 0.f;
 
     if (pipe) {
       const int st = i % S;
@@ -214,9 +219,8 @@ __global__ void __launch_bounds__(kVertThreads, 6) ssu_vertical(const Params p, 
 #pragma unroll
         for (int k = 0; k < NV; ++k)
           if (vok(k))
-            cvt_state_vec<ST>(
-                *reinterpret_cast<const uint4*>(rowp + col(k) * int64_t(sizeof(SW))),
-                &s[r][k * E]);
+            cvt_state_vec<ST>(*reinterpret_cast<const uint4*>(rowp + col(k) * int64_t(sizeof(SW))),
+                              &s[r][k * E]);
       }
       if constexpr (ST == DType::I16) {
         const int64_t base = int64_t(c.src) * HP;
@@ -224,7 +228,8 @@ __global__ void __launch_bounds__(kVertThreads, 6) ssu_vertical(const Params p, 
         for (int r = 0; r < RM; ++r) {
           const float sc = on(r) ? p.state_scale[base + hp[r]] : 0.f;
 #pragma unroll
-          for (int v = 0; v < V; ++v) s[r][v] *= sc;
+          for (int v = 0; v < V; ++v)
+            s[r][v] *= sc;
         }
       }
       __syncthreads();  // every thread is done reading stage st: refill it
@@ -241,13 +246,19 @@ __global__ void __launch_bounds__(kVertThreads, 6) ssu_vertical(const Params p, 
 #pragma unroll
         for (int j = 0; j < E / 4; ++j) {
           const float4 fb = bp[j], fc = cp[j];
-          Bk[4 * j] = fb.x; Bk[4 * j + 1] = fb.y; Bk[4 * j + 2] = fb.z; Bk[4 * j + 3] = fb.w;
-          Ck[4 * j] = fc.x; Ck[4 * j + 1] = fc.y; Ck[4 * j + 2] = fc.z; Ck[4 * j + 3] = fc.w;
+          Bk[4 * j] = fb.x;
+          Bk[4 * j + 1] = fb.y;
+          Bk[4 * j + 2] = fb.z;
+          Bk[4 * j + 3] = fb.w;
+          Ck[4 * j] = fc.x;
+          Ck[4 * j + 1] = fc.y;
+          Ck[4 * j + 2] = fc.z;
+          Ck[4 * j + 3] = fc.w;
         }
       } else {
         const int64_t bc = (int64_t(c.row0 + t) * p.G + g) * N;
-        ld_in_vec<IT, E>(p.B, bc + col(k), *reinterpret_cast<float(*)[E]>(Bk));
-        ld_in_vec<IT, E>(p.C, bc + col(k), *reinterpret_cast<float(*)[E]>(Ck));
+        ld_in_vec<IT, E>(p.B, bc + col(k), *reinterpret_cast<float (*)[E]>(Bk));
+        ld_in_vec<IT, E>(p.C, bc + col(k), *reinterpret_cast<float (*)[E]>(Ck));
       }
     });
   }

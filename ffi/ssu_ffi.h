@@ -16,6 +16,7 @@
 #include "ssu_params.h"
 
 // X(name): operands in call order; the required ones first.
+// clang-format off
 #define SSU_REQUIRED_OPERANDS(X) X(state) X(x) X(dt) X(A) X(B) X(C)
 #define SSU_OPTIONAL_OPERANDS(X)                                                          \
   X(D) X(z) X(dt_bias) X(state_batch_indices) X(dst_state_batch_indices) X(state_scale)    \
@@ -31,6 +32,7 @@
   X(int64_t, pad_slot_id, "int") X(bool, dt_softplus, "bool")                             \
   X(bool, disable_state_update, "bool") X(int64_t, philox_rounds, "int")                  \
   X(int64_t, cache_steps, "int") X(std::string_view, algorithm, "str")
+// clang-format on
 
 namespace ssu {
 namespace ffi = xla::ffi;
@@ -64,6 +66,7 @@ auto bind_ssu(Binding b) {
 #define SSU_PARAM_RET(name) , ffi::Result<ffi::AnyBuffer> ret_##name
 #define SSU_PARAM_SETTING(type, name, py) , type name
 #define SSU_PARAM_FLAG(name) , bool has_##name
+// clang-format off
 #define SSU_HANDLER_PARAMS                                                               \
   SSU_REQUIRED_OPERANDS(SSU_PARAM_ARG) SSU_OPTIONAL_OPERANDS(SSU_PARAM_ARG)               \
   SSU_RESULTS(SSU_PARAM_RET) SSU_SETTINGS(SSU_PARAM_SETTING) SSU_OPTIONAL_OPERANDS(SSU_PARAM_FLAG)
@@ -77,11 +80,16 @@ auto bind_ssu(Binding b) {
    {SSU_RESULTS(SSU_LIST_RET)},                                                           \
    {SSU_SETTINGS(SSU_LIST_SETTING)},                                                      \
    {SSU_OPTIONAL_OPERANDS(SSU_LIST_FLAG)}}
+// clang-format on
 
 #define SSU_FIELD_SETTING(type, name, py) type name;
 #define SSU_FIELD_FLAG(name) bool name;
-struct Settings { SSU_SETTINGS(SSU_FIELD_SETTING) };
-struct Presence { SSU_OPTIONAL_OPERANDS(SSU_FIELD_FLAG) };
+struct Settings {
+  SSU_SETTINGS(SSU_FIELD_SETTING)
+};
+struct Presence {
+  SSU_OPTIONAL_OPERANDS(SSU_FIELD_FLAG)
+};
 #undef SSU_FIELD_SETTING
 #undef SSU_FIELD_FLAG
 
@@ -105,15 +113,17 @@ inline Contract contract() {
 #define SSU_C_RET(name) c.results.push_back(#name);
 #define SSU_C_SETTING(type, name, py) c.attributes.push_back({#name, py});
 #define SSU_C_FLAG(name) c.attributes.push_back({"has_" #name, "bool"});
+  // clang-format off
   SSU_REQUIRED_OPERANDS(SSU_C_ARG) SSU_OPTIONAL_OPERANDS(SSU_C_ARG)
   SSU_OPTIONAL_OPERANDS(SSU_C_OPT) SSU_RESULTS(SSU_C_RET)
   SSU_SETTINGS(SSU_C_SETTING) SSU_OPTIONAL_OPERANDS(SSU_C_FLAG)
+// clang-format on
 #undef SSU_C_ARG
 #undef SSU_C_OPT
 #undef SSU_C_RET
 #undef SSU_C_SETTING
 #undef SSU_C_FLAG
-  return c;
+          return c;
 }
 
 inline bool to_dtype(ffi::DataType t, DType* out) {
@@ -160,8 +170,7 @@ inline ffi::Error decode_params(Call& call, Params* p, int64_t* algorithm, Alias
   const Settings& set = call.set;
   const Presence& has = call.has;
   *algorithm = parse_algorithm(set.algorithm);
-  if (*algorithm < 0)
-    return bad(unknown_algorithm(set.algorithm));
+  if (*algorithm < 0) return bad(unknown_algorithm(set.algorithm));
   if (set.philox_rounds <= 0 || set.philox_rounds > 1 << 20)
     return bad("philox_rounds: expected a positive round count, got " +
                std::to_string(set.philox_rounds));
@@ -176,12 +185,21 @@ inline ffi::Error decode_params(Call& call, Params* p, int64_t* algorithm, Alias
   p->cache_steps = set.cache_steps;
   p->has_cache_steps = set.cache_steps > 0;
 
-  p->has_D = has.D; p->has_z = has.z; p->has_dt_bias = has.dt_bias;
-  p->has_src_idx = has.state_batch_indices; p->has_dst = has.dst_state_batch_indices;
+  p->has_D = has.D;
+  p->has_z = has.z;
+  p->has_dt_bias = has.dt_bias;
+  p->has_src_idx = has.state_batch_indices;
+  p->has_dst = has.dst_state_batch_indices;
   p->has_inter = has.intermediate_states_buffer;
-  p->has_inter_idx = has.intermediate_state_indices; p->varlen = has.cu_seqlens;
-  p->has_num_accepted = has.num_accepted_tokens; p->has_seed = has.rand_seed;
-  struct Flag { int arg; bool present; const char* name; };
+  p->has_inter_idx = has.intermediate_state_indices;
+  p->varlen = has.cu_seqlens;
+  p->has_num_accepted = has.num_accepted_tokens;
+  p->has_seed = has.rand_seed;
+  struct Flag {
+    int arg;
+    bool present;
+    const char* name;
+  };
 #define SSU_FLAG_AT(name) Flag{a_##name, has.name, #name},
   for (const Flag& f : {SSU_OPTIONAL_OPERANDS(SSU_FLAG_AT)})
     if (!f.present && in[f.arg].element_count() != 0)
@@ -196,16 +214,21 @@ inline ffi::Error decode_params(Call& call, Params* p, int64_t* algorithm, Alias
   // Aliased buffers keep the caller's shape: a 3-D state (S, P, N) is the H = 1 case.
   auto st = in[a_state].dimensions();
   if (st.size() != 4 && st.size() != 3) return bad("state must be rank 3 or 4");
-  p->S = st[0]; p->H = st.size() == 4 ? st[1] : 1;
-  p->P = st[st.size() - 2]; p->N = st[st.size() - 1];
+  p->S = st[0];
+  p->H = st.size() == 4 ? st[1] : 1;
+  p->P = st[st.size() - 2];
+  p->N = st[st.size() - 1];
   auto xd = in[a_x].dimensions();
   if (p->varlen) {
     if (xd.size() != 3) return bad("varlen x must be rank 3 after normalisation");
-    p->rows = xd[0]; p->T = 0;
+    p->rows = xd[0];
+    p->T = 0;
     p->nb = in[a_cu_seqlens].dimensions()[0] - 1;
   } else {
     if (xd.size() != 4) return bad("x must be rank 4 after normalisation");
-    p->nb = xd[0]; p->T = xd[1]; p->rows = xd[0] * xd[1];
+    p->nb = xd[0];
+    p->T = xd[1];
+    p->rows = xd[0] * xd[1];
   }
   auto bd = in[a_B].dimensions();
   p->G = bd[bd.size() - 2];
@@ -229,25 +252,34 @@ inline ffi::Error decode_params(Call& call, Params* p, int64_t* algorithm, Alias
   p->dst_2d = p->has_dst && in[a_dst_state_batch_indices].dimensions().size() == 2;
   p->K_src = p->src_2d ? in[a_state_batch_indices].dimensions()[1] : 1;
   p->K_dst = p->dst_2d ? in[a_dst_state_batch_indices].dimensions()[1] : 1;
-  p->idx64 = (p->has_src_idx ? in[a_state_batch_indices] : p->has_dst ? in[a_dst_state_batch_indices] : in[a_intermediate_state_indices]).element_type() ==
-             ffi::DataType::S64;
+  p->idx64 = (p->has_src_idx ? in[a_state_batch_indices]
+              : p->has_dst   ? in[a_dst_state_batch_indices]
+                             : in[a_intermediate_state_indices])
+                 .element_type() == ffi::DataType::S64;
   p->cu_seqlens64 = in[a_cu_seqlens].element_type() == ffi::DataType::S64;
   p->num_accepted64 = in[a_num_accepted_tokens].element_type() == ffi::DataType::S64;
   if (p->has_inter) {
     auto id = in[a_intermediate_states_buffer].dimensions();
-    p->I = id[0]; p->CS = id[1];
+    p->I = id[0];
+    p->CS = id[1];
   } else {
-    p->I = 0; p->CS = 0;
+    p->I = 0;
+    p->CS = 0;
   }
 
-  p->x = in[a_x].untyped_data(); p->dt = in[a_dt].untyped_data();
+  p->x = in[a_x].untyped_data();
+  p->dt = in[a_dt].untyped_data();
   p->A = static_cast<const float*>(in[a_A].untyped_data());
-  p->B = in[a_B].untyped_data(); p->C = in[a_C].untyped_data();
-  p->D = in[a_D].untyped_data(); p->z = in[a_z].untyped_data();
+  p->B = in[a_B].untyped_data();
+  p->C = in[a_C].untyped_data();
+  p->D = in[a_D].untyped_data();
+  p->z = in[a_z].untyped_data();
   p->dt_bias = in[a_dt_bias].untyped_data();
-  p->src_idx = in[a_state_batch_indices].untyped_data(); p->dst = in[a_dst_state_batch_indices].untyped_data();
+  p->src_idx = in[a_state_batch_indices].untyped_data();
+  p->dst = in[a_dst_state_batch_indices].untyped_data();
   p->inter_idx = in[a_intermediate_state_indices].untyped_data();
-  p->cu_seqlens = in[a_cu_seqlens].untyped_data(); p->num_accepted = in[a_num_accepted_tokens].untyped_data();
+  p->cu_seqlens = in[a_cu_seqlens].untyped_data();
+  p->num_accepted = in[a_num_accepted_tokens].untyped_data();
   p->seed = static_cast<const uint32_t*>(in[a_rand_seed].untyped_data());
   // Results alias their inputs (state, scales, intermediates, a given out): the kernels read
   // and write through the result pointers.
@@ -257,8 +289,11 @@ inline ffi::Error decode_params(Call& call, Params* p, int64_t* algorithm, Alias
   p->inter = out[r_intermediate_states_buffer]->untyped_data();
   p->inter_scales = static_cast<float*>(out[r_intermediate_state_scales]->untyped_data());
 
-  const int pairs[kNumRets][2] = {{a_out, r_out}, {a_state, r_state}, {a_state_scale, r_state_scale},
-                                  {a_intermediate_states_buffer, r_intermediate_states_buffer}, {a_intermediate_state_scales, r_intermediate_state_scales}};
+  const int pairs[kNumRets][2] = {{a_out, r_out},
+                                  {a_state, r_state},
+                                  {a_state_scale, r_state_scale},
+                                  {a_intermediate_states_buffer, r_intermediate_states_buffer},
+                                  {a_intermediate_state_scales, r_intermediate_state_scales}};
   copies->n = 0;
   for (const auto& pr : pairs) {
     const ffi::AnyBuffer& src = in[pr[0]];

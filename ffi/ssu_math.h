@@ -19,24 +19,41 @@ namespace ssu {
 enum class DType : int { F32 = 0, BF16 = 1, F16 = 2, I16 = 3 };
 
 // The element type a DType is stored as (16-bit floats as raw bits).
-template <DType T> struct Stor;
-template <> struct Stor<DType::F32> { using type = float; };
-template <> struct Stor<DType::BF16> { using type = uint16_t; };
-template <> struct Stor<DType::F16> { using type = uint16_t; };
-template <> struct Stor<DType::I16> { using type = int16_t; };
+template <DType T>
+struct Stor;
+template <>
+struct Stor<DType::F32> {
+  using type = float;
+};
+template <>
+struct Stor<DType::BF16> {
+  using type = uint16_t;
+};
+template <>
+struct Stor<DType::F16> {
+  using type = uint16_t;
+};
+template <>
+struct Stor<DType::I16> {
+  using type = int16_t;
+};
 
 SSU_HD uint32_t f32_bits(float v) {
 #if defined(__CUDA_ARCH__)
   return __float_as_uint(v);
 #else
-  uint32_t u; std::memcpy(&u, &v, 4); return u;
+  uint32_t u;
+  std::memcpy(&u, &v, 4);
+  return u;
 #endif
 }
 SSU_HD float bits_f32(uint32_t u) {
 #if defined(__CUDA_ARCH__)
   return __uint_as_float(u);
 #else
-  float v; std::memcpy(&v, &u, 4); return v;
+  float v;
+  std::memcpy(&v, &u, 4);
+  return v;
 #endif
 }
 
@@ -82,7 +99,9 @@ SSU_HD uint16_t f32_to_f16_rn(float v) {
 }
 
 // ---- Philox-4x32 (Salmon et al.), key = 64-bit seed, counter = 4 words ----
-struct Rand4 { uint32_t r[4]; };
+struct Rand4 {
+  uint32_t r[4];
+};
 
 SSU_HD uint32_t mulhi32(uint32_t a, uint32_t b) {
 #if defined(__CUDA_ARCH__)
@@ -92,15 +111,19 @@ SSU_HD uint32_t mulhi32(uint32_t a, uint32_t b) {
 #endif
 }
 
-SSU_HD Rand4 philox4x32(uint32_t c0, uint32_t c1, uint32_t c2, uint32_t c3,
-                        uint32_t k0, uint32_t k1, int rounds) {
+SSU_HD Rand4 philox4x32(uint32_t c0, uint32_t c1, uint32_t c2, uint32_t c3, uint32_t k0,
+                        uint32_t k1, int rounds) {
   for (int i = 0; i < rounds; ++i) {  // Random123 / Triton tl.randint4x round function
     uint32_t n0 = mulhi32(0xCD9E8D57u, c2) ^ c1 ^ k0;
     uint32_t n2 = mulhi32(0xD2511F53u, c0) ^ c3 ^ k1;
     uint32_t n1 = 0xCD9E8D57u * c2;
     uint32_t n3 = 0xD2511F53u * c0;
-    c0 = n0; c1 = n1; c2 = n2; c3 = n3;
-    k0 += 0x9E3779B9u; k1 += 0xBB67AE85u;
+    c0 = n0;
+    c1 = n1;
+    c2 = n2;
+    c3 = n3;
+    k0 += 0x9E3779B9u;
+    k1 += 0xBB67AE85u;
   }
   return Rand4{{c0, c1, c2, c3}};
 }

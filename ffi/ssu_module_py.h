@@ -13,9 +13,12 @@ namespace ssu {
 inline nanobind::dict contract_dict() {
   const Contract c = contract();
   nanobind::list operands, results, optional, attributes;
-  for (const auto& s : c.operands) operands.append(nanobind::str(s.c_str()));
-  for (const auto& s : c.results) results.append(nanobind::str(s.c_str()));
-  for (const auto& s : c.optional) optional.append(nanobind::str(s.c_str()));
+  for (const auto& s : c.operands)
+    operands.append(nanobind::str(s.c_str()));
+  for (const auto& s : c.results)
+    results.append(nanobind::str(s.c_str()));
+  for (const auto& s : c.optional)
+    optional.append(nanobind::str(s.c_str()));
   for (const auto& [name, py] : c.attributes)
     attributes.append(nanobind::make_tuple(nanobind::str(name.c_str()), nanobind::str(py.c_str())));
   nanobind::dict d;
@@ -32,13 +35,24 @@ inline std::tuple<std::string, std::string> plan_py(
     const std::string& state_dtype, bool varlen, bool has_inter, int64_t I, int64_t CS,
     int64_t cache_steps, const std::string& algorithm, int sms, int smem_optin) {
   Params p{};
-  p.S = S; p.H = H; p.P = P; p.N = N; p.nb = nb; p.T = T; p.rows = rows;
-  p.varlen = varlen; p.has_inter = has_inter; p.I = I; p.CS = CS;
-  p.cache_steps = cache_steps; p.has_cache_steps = cache_steps > 0;
+  p.S = S;
+  p.H = H;
+  p.P = P;
+  p.N = N;
+  p.nb = nb;
+  p.T = T;
+  p.rows = rows;
+  p.varlen = varlen;
+  p.has_inter = has_inter;
+  p.I = I;
+  p.CS = CS;
+  p.cache_steps = cache_steps;
+  p.has_cache_steps = cache_steps > 0;
   const std::string types[] = {"float32", "bfloat16", "float16", "int16"};
   const DType dts[] = {DType::F32, DType::BF16, DType::F16, DType::I16};
   int t = 0;
-  while (t < 4 && types[t] != state_dtype) ++t;
+  while (t < 4 && types[t] != state_dtype)
+    ++t;
   if (t == 4) return {"", "unsupported state dtype " + state_dtype};
   p.state_t = dts[t];
   const int64_t id = parse_algorithm(algorithm);

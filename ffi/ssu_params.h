@@ -23,25 +23,28 @@ namespace ssu {
 // Absence is always an explicit flag, never a size: any size (0 included) is a real size.
 struct Params {
   int64_t S, H, P, N, G, nb, T, rows;  // T: steps per entry (0 in varlen)
-  int64_t K_src, K_dst;                 // widths of 2-D index arrays (when src_2d / dst_2d)
-  int64_t I, CS;                        // intermediate rows and step axis (when has_inter)
-  int64_t cache_steps;                  // longest allowed sequence (when has_cache_steps)
+  int64_t K_src, K_dst;                // widths of 2-D index arrays (when src_2d / dst_2d)
+  int64_t I, CS;                       // intermediate rows and step axis (when has_inter)
+  int64_t cache_steps;                 // longest allowed sequence (when has_cache_steps)
   int64_t pad;
   int philox_rounds;
-  DType state_t, input_t, param_t;      // state; x/B/C/z/out; dt/D/dt_bias
+  DType state_t, input_t, param_t;  // state; x/B/C/z/out; dt/D/dt_bias
   bool idx64, cu_seqlens64, num_accepted64;
   bool varlen, dt_elem, A_elem, D_elem, bias_elem;
-  bool has_D, has_z, has_dt_bias, has_src_idx, has_dst, has_inter, has_inter_idx,
-      has_num_accepted, has_seed;
+  bool has_D, has_z, has_dt_bias, has_src_idx, has_dst, has_inter, has_inter_idx, has_num_accepted,
+      has_seed;
   bool src_2d, dst_2d, has_cache_steps;
   bool softplus, update_state;
 
-  void* state; float* state_scale;
+  void* state;
+  float* state_scale;
   const void *x, *dt, *B, *C, *D, *z, *dt_bias;
   const float* A;
   const void *src_idx, *dst, *inter_idx, *cu_seqlens, *num_accepted;
   const uint32_t* seed;
-  void* out; void* inter; float* inter_scales;
+  void* out;
+  void* inter;
+  float* inter_scales;
 };
 
 SSU_HD int64_t load_index(const void* p, bool is64, int64_t i) {
@@ -91,13 +94,14 @@ SSU_HD int64_t state_write_slot(const Params& p, const Entry& e, int64_t b, int6
 
 SSU_HD int64_t clamp_rows(int64_t r, int64_t rows) { return r < 0 ? 0 : (r > rows ? rows : r); }
 
-// Varlen (docs/semantics.md, "Varlen bounds"): sequence s spans cu[s] .. cu[s+1]. Its bounds are wrong when negative,
-// decreasing or beyond the token count. The rows it owns are its span clipped to [0, rows),
-// none at all when cu decreases. Two sequences whose owned rows intersect are both invalid, so
-// a valid sequence owns its rows alone and an invalid one may write NaN over all of its own.
+// Varlen (docs/semantics.md, "Varlen bounds"): sequence s spans cu[s] .. cu[s+1]. Its bounds are
+// wrong when negative, decreasing or beyond the token count. The rows it owns are its span clipped
+// to [0, rows), none at all when cu decreases. Two sequences whose owned rows intersect are both
+// invalid, so a valid sequence owns its rows alone and an invalid one may write NaN over all of its
+// own.
 struct SeqSpan {
-  int64_t a, z;     // cu[s], cu[s+1]
-  int64_t lo, hi;   // owned rows [lo, hi), lo == hi: none
+  int64_t a, z;    // cu[s], cu[s+1]
+  int64_t lo, hi;  // owned rows [lo, hi), lo == hi: none
   bool bounds_ok;
 };
 
@@ -145,9 +149,11 @@ SSU_HD Entry resolve_entry(const Params& p, int64_t b, bool overlapped = false) 
       e.nan_hi = q.hi;
       return e;
     }
-    e.row0 = q.a; e.len = q.z - q.a;
+    e.row0 = q.a;
+    e.len = q.z - q.a;
   } else {
-    e.row0 = b * p.T; e.len = p.T;
+    e.row0 = b * p.T;
+    e.len = p.T;
   }
   if (e.len == 0) return e;  // a zero-length sequence reads and writes nothing
   bool ok = !(p.has_cache_steps && e.len > p.cache_steps) && !(p.src_2d && e.len > p.K_src) &&

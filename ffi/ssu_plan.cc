@@ -22,12 +22,14 @@ int rows_override() {
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 int pow2_ceil(int64_t v) {
   int r = 1;
-  while (r < v) r <<= 1;
+  while (r < v)
+    r <<= 1;
   return r;
 }
 int log2i(int v) {
   int s = 0;
-  while ((1 << s) < v) ++s;
+  while ((1 << s) < v)
+    ++s;
   return s;
 }
 
@@ -70,7 +72,8 @@ void fast_divisor(int64_t d, uint32_t* mul, int* shr) {
     return;
   }
   int lg = 0;
-  while ((int64_t(1) << lg) < d) ++lg;
+  while ((int64_t(1) << lg) < d)
+    ++lg;
   const int pw = 31 + lg;
   *mul = uint32_t(((uint64_t(1) << pw) + uint64_t(d) - 1) / uint64_t(d));
   *shr = pw - 32;
@@ -107,7 +110,8 @@ bool fast_plan(const Params& p, const DeviceInfo& di, Plan* pl) {
   // Threads: 128 (measured within +-1 us of 256), fewer where a CTA's row groups outnumber P.
   int threads = 128;
   if (threads_override() >= 32) threads = std::min(256, pow2_ceil(threads_override()));
-  while (threads > 32 && threads / lpr / 2 >= P) threads /= 2;
+  while (threads > 32 && threads / lpr / 2 >= P)
+    threads /= 2;
   threads = std::max<int>(threads, int(std::min<int64_t>(lpr, 32)));
   threads = (threads + 31) / 32 * 32;
   const int64_t groups = threads / lpr;
@@ -117,7 +121,8 @@ bool fast_plan(const Params& p, const DeviceInfo& di, Plan* pl) {
   int kv = vpl >= 2 ? 1 : 2;
   if (p.nb * H * ceil_div(P, groups * kv) < 4 * int64_t(di.sms)) kv = 1;
   if (rows_override() > 0) kv = std::min(4, pow2_ceil(rows_override()));
-  while (kv > 1 && groups * (kv / 2) >= P) kv /= 2;
+  while (kv > 1 && groups * (kv / 2) >= P)
+    kv /= 2;
   pl->kernel = mtp ? Kernel::kFastMtp : Kernel::kFast;
   pl->nv = kv;
   pl->threads = threads;
@@ -133,8 +138,8 @@ bool fast_plan(const Params& p, const DeviceInfo& di, Plan* pl) {
 
 }  // namespace
 
-// Register-row kernels (ssu_simple, ssu_horizontal: ssu_cuda_simple.cuh): needs N % E == 0 and N <= 1024, E = 16 / sizeof(state) (4 for
-// float32, 8 for 16-bit and int16 states).
+// Register-row kernels (ssu_simple, ssu_horizontal: ssu_cuda_simple.cuh): needs N % E == 0 and N <=
+// 1024, E = 16 / sizeof(state) (4 for float32, 8 for 16-bit and int16 states).
 //   simple:     NV = smallest of {1,2,4,(8)} with 32*NV*E >= N; L = lanes per row (<= 32).
 //   horizontal: NV = largest with E*NV <= 32 values per lane, reduced while NV/2 vectors
 //               cover the row; L = the remaining lanes (1 for N <= 32 fp32 / 32 16-bit).
@@ -159,8 +164,9 @@ bool make_plan(const Params& p, int64_t algorithm, const DeviceInfo& di, Plan* p
   if (H * P >= int64_t(INT32_MAX) || N >= int64_t(INT32_MAX) || p.S >= int64_t(INT32_MAX) ||
       p.rows >= int64_t(INT32_MAX) || p.nb >= int64_t(INT32_MAX) ||
       p.I * p.CS >= int64_t(INT32_MAX)) {
-    *why = "nheads*dim, dstate, cache slots, tokens, batch and intermediate rows*steps must be "
-           "below 2^31 for the CUDA kernels";
+    *why =
+        "nheads*dim, dstate, cache slots, tokens, batch and intermediate rows*steps must be "
+        "below 2^31 for the CUDA kernels";
     return false;
   }
 
@@ -189,7 +195,8 @@ bool make_plan(const Params& p, int64_t algorithm, const DeviceInfo& di, Plan* p
     const double rows_total = double(p.nb) * double(H) * double(P);
     const double resident = double(di.sms) * 2048.0;
     int R = rmax;
-    while (R > 1 && rows_total * L / R < 2.0 * resident) R /= 2;
+    while (R > 1 && rows_total * L / R < 2.0 * resident)
+      R /= 2;
     if (rows_override() > 0) R = std::min(rmax, rows_override());
     const int64_t ng = std::min<int64_t>(kVertThreads / L, ceil_div(P, R));
     const int threads = int(std::min<int64_t>(kVertThreads, ceil_div(ng * L, 32) * 32));
@@ -200,7 +207,8 @@ bool make_plan(const Params& p, int64_t algorithm, const DeviceInfo& di, Plan* p
       k = std::min<int64_t>(vtiles_override, ntile);
     } else {
       const int64_t heads = p.nb * H, target = 8 * int64_t(di.sms);
-      while (k * 2 <= ntile && heads * ceil_div(ntile, k * 2) >= target) k *= 2;
+      while (k * 2 <= ntile && heads * ceil_div(ntile, k * 2) >= target)
+        k *= 2;
     }
     // B/C staging: the steps an entry may have (T; varlen: its limit when there is one), capped.
     const int64_t limit = p.has_inter ? p.CS : p.has_cache_steps ? p.cache_steps : 8;
@@ -227,21 +235,24 @@ bool make_plan(const Params& p, int64_t algorithm, const DeviceInfo& di, Plan* p
     // planned above (fast_plan); chunks and grid below
   } else if (algorithm != kHorizontal && !p.varlen && p.T == 1 && vec && nvec <= 32 &&
              (nvec & (nvec - 1)) == 0 && p.nb * H >= 6 * int64_t(di.sms)) {
-    // Single-step kernel (persistent, ssu_simple_step1, ssu_cuda_simple_step1.cuh): a row is VPR = nvec vectors, one
-    // per lane of a VPR-lane group; a thread holds KV rows of a batch; an item is an entry's
-    // chunk of HC heads, so the index resolution is paid once per HC * P rows. HC: as many
-    // heads as leave >= 2 items per resident CTA (3 per SM at KV = 2). With fewer than that
+    // Single-step kernel (persistent, ssu_simple_step1, ssu_cuda_simple_step1.cuh): a row is VPR =
+    // nvec vectors, one per lane of a VPR-lane group; a thread holds KV rows of a batch; an item is
+    // an entry's chunk of HC heads, so the index resolution is paid once per HC * P rows. HC: as
+    // many heads as leave >= 2 items per resident CTA (3 per SM at KV = 2). With fewer than that
     // many (entry, head) pairs (small batch, Mamba-1's single head) the register-row kernel,
     // which also splits a head's rows over CTAs, is faster (measured, notes/kernel_versions.md).
     const int VPR = int(nvec);
     int kv = 2;
-    while (kv > 1 && int64_t(kv / 2) * (256 / VPR) >= P) kv /= 2;  // small heads: fewer rows
+    while (kv > 1 && int64_t(kv / 2) * (256 / VPR) >= P)
+      kv /= 2;  // small heads: fewer rows
     if (rows_override() > 0) kv = std::min(8, pow2_ceil(rows_override()));
     const int64_t rows_batch = std::min<int64_t>(int64_t(kv) * (256 / VPR), P);
-    const int threads = int(std::min<int64_t>(256, ceil_div(ceil_div(rows_batch, kv) * VPR, 32) * 32));
+    const int threads =
+        int(std::min<int64_t>(256, ceil_div(ceil_div(rows_batch, kv) * VPR, 32) * 32));
     const int64_t want_items = 2 * 3 * int64_t(di.sms);
     int hc = 1;
-    while (hc * 2 <= H && H % (hc * 2) == 0 && p.nb * (H / (hc * 2)) >= want_items) hc *= 2;
+    while (hc * 2 <= H && H % (hc * 2) == 0 && p.nb * (H / (hc * 2)) >= want_items)
+      hc *= 2;
     pl->kernel = Kernel::kSimpleStep1;
     pl->nv = kv;
     pl->threads = threads;
@@ -261,9 +272,11 @@ bool make_plan(const Params& p, int64_t algorithm, const DeviceInfo& di, Plan* p
     int nv = 1;
     if (algorithm == kHorizontal) {
       nv = nv_max;
-      while (nv > 1 && nv / 2 >= nvec) nv /= 2;
+      while (nv > 1 && nv / 2 >= nvec)
+        nv /= 2;
     } else {
-      while (nv * 32 < nvec) nv *= 2;
+      while (nv * 32 < nvec)
+        nv *= 2;
     }
     const int L = pow2_ceil(ceil_div(nvec, nv));
     const int V = E * nv;
@@ -273,7 +286,8 @@ bool make_plan(const Params& p, int64_t algorithm, const DeviceInfo& di, Plan* p
     const double rows_total = double(p.nb) * double(H) * double(P);
     const double resident = double(di.sms) * 2048.0;
     int R = rmax;
-    while (R > 1 && rows_total * L / R < 2.0 * resident) R /= 2;
+    while (R > 1 && rows_total * L / R < 2.0 * resident)
+      R /= 2;
     if (rows_override() > 0) R = std::min(rmax, rows_override());
     int64_t ng = std::min<int64_t>(256 / L, ceil_div(P, R));
     int threads = int(std::min<int64_t>(256, ceil_div(ng * L, 32) * 32));
@@ -287,10 +301,12 @@ bool make_plan(const Params& p, int64_t algorithm, const DeviceInfo& di, Plan* p
   } else {
     const size_t row_bytes = size_t(N > 0 ? N : 0) * sizeof(float);
     int warps = int(std::min<int64_t>(4, P));
-    while (warps > 1 && warps * row_bytes > 48 * 1024) --warps;
+    while (warps > 1 && warps * row_bytes > 48 * 1024)
+      --warps;
     const size_t smem = warps * row_bytes;
     if (smem > size_t(di.smem_optin)) {
-      *why = "dstate=" + std::to_string(N) + " is too large for the CUDA kernels (one fp32 "
+      *why = "dstate=" + std::to_string(N) +
+             " is too large for the CUDA kernels (one fp32 "
              "state row must fit in shared memory)";
       return false;
     }
@@ -313,7 +329,8 @@ bool make_plan(const Params& p, int64_t algorithm, const DeviceInfo& di, Plan* p
   l.zero_blocks = 0;
   if (p.varlen) {
     const int64_t elems = p.rows * H * P;
-    l.zero_blocks = std::max<int64_t>(1, std::min<int64_t>(1024, ceil_div(elems, pl->threads * 16)));
+    l.zero_blocks =
+        std::max<int64_t>(1, std::min<int64_t>(1024, ceil_div(elems, pl->threads * 16)));
   }
   if (l.main_blocks + l.zero_blocks > int64_t(INT32_MAX)) {
     *why = "problem too large for one CUDA grid";
@@ -321,7 +338,6 @@ bool make_plan(const Params& p, int64_t algorithm, const DeviceInfo& di, Plan* p
   }
   return true;
 }
-
 
 const char* kernel_name(Kernel k) {
   switch (k) {

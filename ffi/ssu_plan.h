@@ -17,17 +17,17 @@ namespace cuda {
 //   zero CTAs:  blockIdx.x in [main_blocks, main_blocks + zero_blocks) (varlen only) zero the
 //               rows of `out` that no sequence owns.
 struct Launch {
-  int lshift;            // log2(lanes per state row): register / vertical kernels (generic: 5)
-  int R;                 // rows per lane group (register / vertical), 1 for the generic kernel
-  int rows_cta;          // rows of P per CTA
-  int64_t chunks;        // CTAs per (entry, head)
-  int64_t main_blocks;   // nb * H * chunks
-  int64_t zero_blocks;   // varlen zero-fill CTAs
-  int tile_rows;         // vertical kernel: rows per shared-memory stage (= groups * R)
-  int bc_steps;          // vertical kernel: most steps whose B/C are staged in shared memory
-  int heads_item;        // single-step kernel: heads per work item (item = entry x head chunk)
-  int batches_head;      // single-step kernel: batches of rows_cta rows per head
-  uint32_t g_mul;        // fast path: h / (H / G) = umulhi(h, g_mul) >> g_shr (g_mul 0: H == G)
+  int lshift;           // log2(lanes per state row): register / vertical kernels (generic: 5)
+  int R;                // rows per lane group (register / vertical), 1 for the generic kernel
+  int rows_cta;         // rows of P per CTA
+  int64_t chunks;       // CTAs per (entry, head)
+  int64_t main_blocks;  // nb * H * chunks
+  int64_t zero_blocks;  // varlen zero-fill CTAs
+  int tile_rows;        // vertical kernel: rows per shared-memory stage (= groups * R)
+  int bc_steps;         // vertical kernel: most steps whose B/C are staged in shared memory
+  int heads_item;       // single-step kernel: heads per work item (item = entry x head chunk)
+  int batches_head;     // single-step kernel: batches of rows_cta rows per head
+  uint32_t g_mul;       // fast path: h / (H / G) = umulhi(h, g_mul) >> g_shr (g_mul 0: H == G)
   int g_shr;
 };
 
@@ -37,13 +37,21 @@ constexpr int rows_per_lane(int V) { return V <= 4 ? 4 : (V <= 8 ? 2 : 1); }
 
 // One kernel per strategy (ssu_cuda_<strategy>.cuh), named as users name the strategy.
 enum class Kernel : int {
-  kNone = 0, kSimple = 1, kHorizontal = 2, kGeneric = 3, kVertical = 4, kSimpleStep1 = 5,
-  kFast = 6, kFastMtp = 7
+  kNone = 0,
+  kSimple = 1,
+  kHorizontal = 2,
+  kGeneric = 3,
+  kVertical = 4,
+  kSimpleStep1 = 5,
+  kFast = 6,
+  kFastMtp = 7
 };
 
 // The fast path (ssu_cuda_fast.cuh): the dstates it is instantiated for, and its rows per
 // thread (KV, a template parameter: 1, 2 or 4).
-constexpr bool fast_dstate(int64_t N) { return N == 16 || N == 32 || N == 64 || N == 128 || N == 256; }
+constexpr bool fast_dstate(int64_t N) {
+  return N == 16 || N == 32 || N == 64 || N == 128 || N == 256;
+}
 // Per-element parameters (Mamba-1) are instantiated for these dstates only.
 constexpr bool fast_elem_dstate(int64_t N) { return N == 16; }
 
@@ -57,13 +65,13 @@ SSU_HD constexpr uint32_t vert_stage_bytes(int tile_rows, int64_t N, int elem) {
 
 struct Plan {
   Kernel kernel = Kernel::kNone;
-  int nv = 0;            // 16-byte state vectors per lane (register / vertical kernels), rows
-                         // per thread (single-step kernel)
+  int nv = 0;  // 16-byte state vectors per lane (register / vertical kernels), rows
+               // per thread (single-step kernel)
   int threads = 0;
-  size_t smem = 0;       // dynamic shared memory (generic / vertical kernels)
+  size_t smem = 0;          // dynamic shared memory (generic / vertical kernels)
   bool persistent = false;  // grid = resident CTAs, each looping over l.main_blocks items
-  bool pdl = false;      // fast path: launched with programmatic stream serialization
-  int sms = 0;           // multiprocessors of the device (persistent grids)
+  bool pdl = false;         // fast path: launched with programmatic stream serialization
+  int sms = 0;              // multiprocessors of the device (persistent grids)
   Launch l{};
 };
 
