@@ -31,10 +31,18 @@
 namespace ssu {
 namespace cuda {
 
-// fp32 values of one 16-byte state vector -> its stored words (round to nearest even).
+// fp32 values of one 16-byte state vector -> its stored words (round to nearest even; int16:
+// encoded with the row's scale `sc`, docs/semantics.md "int16 state").
 template <DType ST>
-__device__ __forceinline__ uint4 pack_state(const float* v) {
-  if constexpr (ST == DType::F32) {
+__device__ __forceinline__ uint4 pack_state(const float* v, float sc = 1.f) {
+  if constexpr (ST == DType::I16) {
+    uint32_t w[4];
+#pragma unroll
+    for (int j = 0; j < 4; ++j)
+      w[j] = uint32_t(uint16_t(int16_encode(v[2 * j], sc))) |
+             (uint32_t(uint16_t(int16_encode(v[2 * j + 1], sc))) << 16);
+    return make_uint4(w[0], w[1], w[2], w[3]);
+  } else if constexpr (ST == DType::F32) {
     return make_uint4(__float_as_uint(v[0]), __float_as_uint(v[1]), __float_as_uint(v[2]),
                       __float_as_uint(v[3]));
   } else {
@@ -51,6 +59,23 @@ __device__ __forceinline__ uint4 pack_state(const float* v) {
     }
     return make_uint4(w[0], w[1], w[2], w[3]);
   }
+}
+
+// int16 rows: the scale of a row of new values, max |v| over the row's LPR lanes (compile-time
+// shuffle width; every lane of the warp takes part). NaN values do not raise the maximum, as
+// in the CPU handler.
+template <int LPR, int VPL, int E>
+__device__ __forceinline__ float row_scale(const float (&v)[VPL][E]) {
+  float am = 0.f;
+#pragma unroll
+  for (int j = 0; j < VPL; ++j)
+#pragma unroll
+    for (int i = 0; i < E; ++i)
+      am = fmaxf(am, fabsf(v[j][i]));
+#pragma unroll
+  for (int off = LPR / 2; off >= 1; off >>= 1)
+    am = fmaxf(am, __shfl_xor_sync(0xffffffffu, am, off));
+  return int16_scale(am);
 }
 
 __device__ __forceinline__ void grid_dependency_wait() {
@@ -189,6 +214,16 @@ __global__ void __launch_bounds__(256) ssu_fast(const Params p, const Launch l) 
       raw[k][j] = on(k) && !padded
                       ? __ldcs(reinterpret_cast<const uint4*>(src_row + k * row_step + j * LPR * E))
                       : make_uint4(0u, 0u, 0u, 0u);
+  constexpr bool Q = ST == DType::I16;
+  const uint32_t HP = uint32_t(H) * uint32_t(P);
+  float qs[Q ? KV : 1];  // int16: the read rows' scales
+  if constexpr (Q) {
+#pragma unroll
+    for (int k = 0; k < KV; ++k)
+      qs[k] = on(k) && !padded
+                  ? __ldg(p.state_scale + uint64_t(vsrc) * HP + uint32_t(h * P + row(k)))
+                  : 1.f;
+  }
 
   // ---- per-head scalars (their loads have landed while the state loads fly) ----
   const float bias_h = bias_h_on ? w_value(w_bias, pt) : 0.f;
@@ -216,10 +251,17 @@ __global__ void __launch_bounds__(256) ssu_fast(const Params p, const Launch l) 
       }
     }
     float a = 0.f;
+    float sv[VPL][E];  // the row's new values (int16: encoded once the row's scale is known)
 #pragma unroll
     for (int j = 0; j < VPL; ++j) {
-      float s[E], dAe[E];
+      float* const s = sv[j];
+      float dAe[E];
       cvt_state_vec<ST>(raw[k][j], s);
+      if constexpr (Q) {
+#pragma unroll
+        for (int e = 0; e < E; ++e)
+          s[e] *= qs[k];
+      }
 #pragma unroll
       for (int e = 0; e < E; ++e)
         dAe[e] = dA;
@@ -241,8 +283,17 @@ __global__ void __launch_bounds__(256) ssu_fast(const Params p, const Launch l) 
         s[e] = s[e] * dAe[e] + (Bf[j][e] * dtr) * xf[k];
         a += s[e] * Cf[j][e];
       }
-      raw[k][j] = pack_state<ST>(s);
     }
+    float sc = 1.f;
+    if constexpr (Q) {
+      if (dst_row != nullptr) {  // uniform over the CTA: every lane takes part in the shuffle
+        sc = row_scale<LPR>(sv);
+        if (lane == 0 && on(k)) p.state_scale[uint64_t(dst) * HP + uint32_t(h * P + row(k))] = sc;
+      }
+    }
+#pragma unroll
+    for (int j = 0; j < VPL; ++j)
+      raw[k][j] = pack_state<ST>(sv[j], sc);
     acc[k] = a;
     if (dst_row != nullptr && on(k)) {
 #pragma unroll
@@ -367,12 +418,25 @@ __global__ void __launch_bounds__(256) ssu_fast_mtp(const Params p, const Launch
   load_step(0, cur);
   const float bias_h = p.has_dt_bias ? w_value(w_bias, pt) : 0.f;
   const float D_h = p.has_D ? w_value(w_D, pt) : 0.f;
+  constexpr bool Q = ST == DType::I16;
+  const uint32_t HP = uint32_t(H) * uint32_t(P);
   float st[KV][VPL][E];
 #pragma unroll
-  for (int k = 0; k < KV; ++k)
+  for (int k = 0; k < KV; ++k) {
+    // int16: the read row's scale (its load follows the state's)
+    const float qs = Q && on(k) && !e.padded
+                         ? __ldg(p.state_scale + uint64_t(e.src) * HP + uint32_t(h * P + row(k)))
+                         : 1.f;
 #pragma unroll
-    for (int j = 0; j < VPL; ++j)
+    for (int j = 0; j < VPL; ++j) {
       cvt_state_vec<ST>(raw[k][j], st[k][j]);
+      if constexpr (Q) {
+#pragma unroll
+        for (int q = 0; q < E; ++q)
+          st[k][j][q] *= qs;
+      }
+    }
+  }
 
   SW* const inter_row = e.to_inter ? static_cast<SW*>(p.inter) +
                                          uint64_t(e.ii) * uint64_t(p.CS) * slot_elems + in_slot
@@ -401,10 +465,22 @@ __global__ void __launch_bounds__(256) ssu_fast_mtp(const Params p, const Launch
         }
       }
       acc[k] = a;
+      float sc = 1.f;
+      if constexpr (Q) {
+        if (store) {  // uniform over the CTA: every lane takes part in the shuffle
+          sc = row_scale<LPR>(st[k]);
+          if (lane == 0 && on(k)) {
+            const uint32_t r = uint32_t(h * P + row(k));
+            if (dst_row != nullptr) p.state_scale[uint64_t(cur.wslot) * HP + r] = sc;
+            if (it_row != nullptr)
+              p.inter_scales[(uint64_t(e.ii) * uint64_t(p.CS) + t) * HP + r] = sc;
+          }
+        }
+      }
       if (store && on(k)) {
 #pragma unroll
         for (int j = 0; j < VPL; ++j) {
-          const uint4 v = pack_state<ST>(st[k][j]);
+          const uint4 v = pack_state<ST>(st[k][j], sc);
           if (it_row != nullptr)
             __stcs(reinterpret_cast<uint4*>(it_row + k * row_step + j * LPR * E), v);
           if (dst_row != nullptr)

@@ -107,17 +107,13 @@ cudaError_t launch_fast_n(const Params& p, const Plan& pl, cudaStream_t stream) 
 
 template <DType ST, DType IT>
 cudaError_t launch_fast(const Params& p, const Plan& pl, cudaStream_t stream) {
-  if constexpr (ST == DType::I16) {
-    return cudaErrorInvalidConfiguration;  // never planned (int16 states take the other kernels)
-  } else {
-    switch (p.N) {
-      case 16: return launch_fast_n<ST, IT, 16>(p, pl, stream);
-      case 32: return launch_fast_n<ST, IT, 32>(p, pl, stream);
-      case 64: return launch_fast_n<ST, IT, 64>(p, pl, stream);
-      case 128: return launch_fast_n<ST, IT, 128>(p, pl, stream);
-      case 256: return launch_fast_n<ST, IT, 256>(p, pl, stream);
-      default: return cudaErrorInvalidConfiguration;
-    }
+  switch (p.N) {
+    case 16: return launch_fast_n<ST, IT, 16>(p, pl, stream);
+    case 32: return launch_fast_n<ST, IT, 32>(p, pl, stream);
+    case 64: return launch_fast_n<ST, IT, 64>(p, pl, stream);
+    case 128: return launch_fast_n<ST, IT, 128>(p, pl, stream);
+    case 256: return launch_fast_n<ST, IT, 256>(p, pl, stream);
+    default: return cudaErrorInvalidConfiguration;
   }
 }
 

@@ -82,13 +82,13 @@ void fast_divisor(int64_t d, uint32_t* mul, int* shr) {
 // The fast path (ssu_cuda_fast.cuh) for p, when it covers p. One step (ssu_fast): no varlen,
 // 1-D or no indices, no intermediate buffer, no num_accepted_tokens, per-head or (dstate 16)
 // per-element parameters. Several steps (ssu_fast_mtp): no varlen, per-head parameters, every
-// index form, intermediate buffers, num_accepted_tokens. Both: float states without
-// stochastic rounding, a dstate they are instantiated for, and sizes whose offsets fit their
-// 32-bit arithmetic and grid (entries and heads on the grid's z / y axes).
+// index form, intermediate buffers, num_accepted_tokens. Both: float32 / bfloat16 /
+// float16 states without stochastic rounding and int16 block-scaled ones, a dstate they are
+// instantiated for, and sizes whose offsets fit their 32-bit arithmetic and grid (entries and heads
+// on the grid's z / y axes).
 bool fast_plan(const Params& p, const DeviceInfo& di, Plan* pl) {
   if (!fast_enabled()) return false;
   if (p.varlen || p.T < 1 || p.nb < 1) return false;
-  if (p.state_t == DType::I16) return false;
   if (p.has_seed && p.state_t != DType::F32) return false;  // stochastic rounding
   const bool mtp = p.T > 1;
   const bool elem = p.dt_elem || p.A_elem || p.D_elem || p.bias_elem;
@@ -105,7 +105,7 @@ bool fast_plan(const Params& p, const DeviceInfo& di, Plan* pl) {
   if (p.nb > 65535 || H > 65535 || H * P * N >= kMax || p.nb * p.T * H * P >= kMax ||
       p.nb * p.T * G * N >= kMax)
     return false;
-  const int E = p.state_t == DType::F32 ? 4 : 8;
+  const int E = p.state_t == DType::F32 ? 4 : 8;  // int16: 8, like the 16-bit floats
   const int64_t vpr = N / E, lpr = std::min<int64_t>(vpr, 32), vpl = vpr / lpr;
   // Threads: 128 (measured within +-1 us of 256), fewer where a CTA's row groups outnumber P.
   int threads = 128;

@@ -31,13 +31,14 @@ CHOICES = [  # (problem, kernel with the fast path on[, kernel with it off when 
     (dict(N=8), "ssu_simple_step1"),                          # a dstate the fast path is not built for
     (dict(N=8, nb=1), "ssu_simple"),                          # ... and too few (entry, head) pairs
     (dict(N=48), "ssu_simple"),                               # 6 vectors a row: not a power of two
-    (dict(dtype="int16"), "ssu_simple_step1"),                # int16 states: not on the fast path
+    (dict(dtype="int16"), "ssu_fast", "ssu_simple_step1"),   # int16 block-scaled states too
     (dict(inter=(64, 1)), "ssu_simple_step1"),                # an intermediate buffer: neither
     (dict(cache_steps=1), "ssu_fast", "ssu_simple_step1"),    # a cache_steps limit the step fits in
     (dict(T=4), "ssu_fast_mtp", "ssu_simple"),                # MTP: the multi-step fast path
     (dict(T=4, inter=(64, 4)), "ssu_fast_mtp", "ssu_simple"), # ... with an intermediate buffer
     (dict(T=4, N=48), "ssu_simple"),                          # ... not for a dstate it lacks
-    (dict(T=4, dtype="int16"), "ssu_simple"),                 # ... nor for int16 states
+    (dict(T=4, N=8), "ssu_simple"),
+    (dict(T=4, dtype="int16"), "ssu_fast_mtp", "ssu_simple"), # ... and int16 states
     (dict(varlen=True, nb=8, T=0, rows=20), "ssu_simple"),
     (dict(N=12), "ssu_generic"),                              # not whole 16-byte vectors
     (dict(N=2048), "ssu_generic"),                            # more than a warp of vectors
