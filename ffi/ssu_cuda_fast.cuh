@@ -78,6 +78,16 @@ __device__ __forceinline__ float row_scale(const float (&v)[VPL][E]) {
   return int16_scale(am);
 }
 
+// Each of a thread's KV row sums over the row's LPR lanes (every lane ends with the total).
+template <int LPR, int KV>
+__device__ __forceinline__ void rows_sum(float (&acc)[KV]) {
+#pragma unroll
+  for (int off = LPR / 2; off >= 1; off >>= 1)
+#pragma unroll
+    for (int k = 0; k < KV; ++k)
+      acc[k] += __shfl_xor_sync(0xffffffffu, acc[k], off);
+}
+
 __device__ __forceinline__ void grid_dependency_wait() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   asm volatile("griddepcontrol.wait;" ::: "memory");
@@ -303,11 +313,7 @@ __global__ void __launch_bounds__(256) ssu_fast(const Params p, const Launch l) 
   }
 
   // ---- the row's lanes reduce; lane 0 writes out (+ D x, gate) ----
-#pragma unroll
-  for (int off = LPR / 2; off >= 1; off >>= 1)
-#pragma unroll
-    for (int k = 0; k < KV; ++k)
-      acc[k] += __shfl_xor_sync(0xffffffffu, acc[k], off);
+  rows_sum<LPR>(acc);
   if (lane == 0) {
 #pragma unroll
     for (int k = 0; k < KV; ++k) {
@@ -488,11 +494,7 @@ __global__ void __launch_bounds__(256) ssu_fast_mtp(const Params p, const Launch
         }
       }
     }
-#pragma unroll
-    for (int off = LPR / 2; off >= 1; off >>= 1)
-#pragma unroll
-      for (int k = 0; k < KV; ++k)
-        acc[k] += __shfl_xor_sync(0xffffffffu, acc[k], off);
+    rows_sum<LPR>(acc);
     if (lane == 0) {
       const int xb = ((row0 + t) * H + h) * P;
 #pragma unroll
