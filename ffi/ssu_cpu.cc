@@ -14,6 +14,7 @@
 #include "nanobind/nanobind.h"
 #include "ssu_module_py.h"
 #include "copy_ffi.h"
+#include "ssu_cuda_emu.h"
 
 namespace ssu {
 namespace {
@@ -316,11 +317,20 @@ void dispatch_input(const Params& p, ffi::ThreadPool pool) {
 ffi::Error SsuCpu(ffi::ThreadPool pool SSU_HANDLER_PARAMS) {
   Call call = SSU_CALL;
   Params p;
-  int64_t algorithm_id = 0;  // every strategy is the same loop on the CPU
+  int64_t algorithm_id = 0;  // every strategy is the same loop on the CPU (emulation aside)
   AliasCopies copies;
   if (auto err = decode_params(call, &p, &algorithm_id, &copies); err.failure()) return err;
   for (int i = 0; i < copies.n; ++i)
     std::memcpy(copies.c[i].dst, copies.c[i].src, copies.c[i].bytes);
+  if (emu::enabled()) {  // developer switch: the CUDA fast path, emulated (ssu_cuda_emu.h)
+    cuda::DeviceInfo di;
+    di.sms = 132;  // an H100 / H200: the planner's choices for the machines it targets
+    di.smem_optin = 232448;
+    cuda::Plan pl;
+    std::string why;
+    if (cuda::make_plan(p, algorithm_id, di, &pl, &why) && emu::run_fast(p, pl))
+      return ffi::Error::Success();
+  }
   switch (p.state_t) {
     case DType::F32: dispatch_input<DType::F32>(p, pool); break;
     case DType::BF16: dispatch_input<DType::BF16>(p, pool); break;
@@ -353,6 +363,13 @@ NB_MODULE(_cpu, m) {
     nanobind::dict d;
     d["jax_mamba_ssu"] = nanobind::capsule(reinterpret_cast<void*>(ssu::kSsuCpu));
     d["jax_mamba_copy"] = nanobind::capsule(jax_mamba_copy::cpu_handler());
+    return d;
+  });
+  m.def("emulation", []() {  // the CUDA fast path's host emulation (ssu_cuda_emu.h)
+    nanobind::dict d;
+    d["available"] = ssu::emu::available();
+    d["enabled"] = ssu::emu::enabled();
+    d["calls"] = ssu::emu::calls();
     return d;
   });
   m.def("missing_cuda_registrations", []() {

@@ -1,0 +1,24 @@
+// Host emulation of the CUDA fast-path kernels (ssu_cuda_fast.cuh) for the CPU module: the
+// same kernel source, compiled by the host compiler with the CUDA intrinsics it uses defined on
+// the host (ssu_cuda_emu.cc), run warp by warp with one host thread per lane. It lets the CPU
+// test suite check the fast path's indexing, validity, write and rounding logic on a machine
+// without a GPU (JAX_MAMBA_CPU_EMULATE_FAST=1 with JAX_MAMBA_CUDA_FAST=1; docs/performance.md).
+// It says nothing about speed, memory ordering or what only a GPU can show.
+#pragma once
+#include "ssu_plan.h"
+
+namespace ssu {
+namespace emu {
+
+// Whether the module was built with the emulation (the CUDA headers were found at build time).
+bool available();
+// Whether JAX_MAMBA_CPU_EMULATE_FAST=1 (read once per process).
+bool enabled();
+// Runs the planned fast-path kernel (pl.kernel kFast or kFastMtp) on host memory; false when pl
+// is not a fast-path plan (nothing run).
+bool run_fast(const Params& p, const cuda::Plan& pl);
+// Fast-path calls emulated so far in this process.
+long long calls();
+
+}  // namespace emu
+}  // namespace ssu
