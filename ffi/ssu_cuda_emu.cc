@@ -7,6 +7,7 @@
 
 #include <atomic>
 #include <cmath>
+#include <cstdint>
 #include <condition_variable>
 #include <mutex>
 #include <cstdlib>
@@ -51,17 +52,24 @@ thread_local Warp* t_warp;
 #undef __launch_bounds__
 #define __launch_bounds__(...)
 
+// Global loads and stores; a GPU faults on an access not aligned to its size, so the
+// emulation does too (abort) rather than let x86 forgive it.
+template <class T>
+inline const T* aligned(const T* p) {
+  if (reinterpret_cast<uintptr_t>(p) % sizeof(T) != 0) std::abort();
+  return p;
+}
 template <class T>
 inline T __ldg(const T* p) {
-  return *p;
+  return *aligned(p);
 }
 template <class T>
 inline T __ldcs(const T* p) {
-  return *p;
+  return *aligned(p);
 }
 template <class T>
 inline void __stcs(T* p, T v) {
-  *p = v;
+  *const_cast<T*>(aligned(p)) = v;
 }
 inline float __expf(float v) { return expf(v); }
 inline unsigned __umulhi(unsigned a, unsigned b) {
