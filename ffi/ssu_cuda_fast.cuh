@@ -334,15 +334,16 @@ namespace cuda {
 
 // ---- Multi-token steps (MTP, T >= 2, not varlen) on the same layout ----
 //
-// ssu_fast_mtp<ST, IT, N, KV>: per-head parameters only (Mamba-2), float states without
-// stochastic rounding. A CTA is (row chunk, head, entry) as above; the entry is resolved once
-// per thread by resolve_entry (ssu_params.h: 2-D indices, num_accepted_tokens, dst, the
-// intermediate row, cache_steps and every validity rule, uniform over the CTA). The thread's
-// KV rows stay in fp32 registers across the T steps and are rounded only when stored. Step
-// t + 1's inputs (x, z, dt, B/C slices and, with 2-D dst, its write slot) are loaded before
-// step t is computed, so each step's loads fly under the previous step's math. After step t:
-// the row's state to intermediate[ii, t] (when the entry has an intermediate row) and to the
-// step's dst slot (state_write_slot), both streaming 16-byte stores.
+// ssu_fast_mtp<ST, IT, N, KV>: per-head parameters only (Mamba-2); float states without
+// stochastic rounding, and int16 block-scaled states. A CTA is (row chunk, head, entry) as
+// above; the entry is resolved once per thread by resolve_entry (ssu_params.h: 2-D indices,
+// num_accepted_tokens, dst, the intermediate row, cache_steps and every validity rule, uniform
+// over the CTA). The thread's KV rows stay in fp32 registers across the T steps and are rounded
+// only when stored. Step t + 1's inputs (x, z, dt, B/C slices and, with 2-D dst, its write
+// slot) are loaded before step t is computed, so each step's loads fly under the previous
+// step's math. After step t: the row's state to intermediate[ii, t] (when the entry has an
+// intermediate row) and to the step's dst slot (state_write_slot), both streaming stores.
+
 // The inputs of one step for this thread: dt bits, the B / C slices, x and z of its rows, and
 // the step's state write slot (-1: none).
 template <DType IT, int N, int KV, int VPL, int E>

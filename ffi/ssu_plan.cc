@@ -98,7 +98,6 @@ bool fast_plan(const Params& p, const DeviceInfo& di, Plan* pl) {
     if (elem || !fast_mtp_enabled()) return false;
   } else {
     if (p.has_inter || p.src_2d || p.dst_2d || p.has_num_accepted) return false;
-    if (p.has_cache_steps && p.cache_steps < 1) return false;
     if (elem && !fast_elem_dstate(N)) return false;
   }
   constexpr int64_t kMax = int64_t(INT32_MAX);
