@@ -115,8 +115,7 @@ std::atomic<long long> g_calls{0};
 // order, and the lanes meet at a barrier after each, so a warp's shuffles always pair lanes of
 // the same (CTA, warp). Early returns are uniform over a CTA in these kernels (an entry's
 // validity), so every lane performs the same shuffles.
-template <class K>
-void launch(const Params& p, const cuda::Plan& pl, K kernel) {
+void launch(const Params& p, const cuda::Plan& pl, cuda::FastKernel kernel) {
   const unsigned gx = unsigned(pl.l.chunks), gy = unsigned(p.H), gz = unsigned(p.nb);
   const unsigned warps = unsigned(pl.threads) / 32;
   Warp warp;
@@ -141,42 +140,12 @@ void launch(const Params& p, const cuda::Plan& pl, K kernel) {
     t.join();
 }
 
-template <DType ST, DType IT, int N, int KV>
-bool run_kv(const Params& p, const cuda::Plan& pl) {
-  const bool elem = p.dt_elem || p.A_elem || p.D_elem || p.bias_elem;
-  if (pl.kernel == cuda::Kernel::kFastMtp) {
-    launch(p, pl, cuda::ssu_fast_mtp<ST, IT, N, KV>);
-  } else if (elem) {
-    if constexpr (cuda::fast_elem_dstate(N))
-      launch(p, pl, cuda::ssu_fast<ST, IT, N, KV, true>);
-    else
-      return false;
-  } else {
-    launch(p, pl, cuda::ssu_fast<ST, IT, N, KV, false>);
-  }
-  return true;
-}
-
-template <DType ST, DType IT, int N>
-bool run_n(const Params& p, const cuda::Plan& pl) {
-  switch (pl.nv) {
-    case 1: return run_kv<ST, IT, N, 1>(p, pl);
-    case 2: return run_kv<ST, IT, N, 2>(p, pl);
-    case 4: return run_kv<ST, IT, N, 4>(p, pl);
-    default: return false;
-  }
-}
-
 template <DType ST, DType IT>
 bool run_st_it(const Params& p, const cuda::Plan& pl) {
-  switch (p.N) {
-    case 16: return run_n<ST, IT, 16>(p, pl);
-    case 32: return run_n<ST, IT, 32>(p, pl);
-    case 64: return run_n<ST, IT, 64>(p, pl);
-    case 128: return run_n<ST, IT, 128>(p, pl);
-    case 256: return run_n<ST, IT, 256>(p, pl);
-    default: return false;
-  }
+  const cuda::FastKernel kernel = cuda::fast_kernel<ST, IT>(p, pl);
+  if (kernel == nullptr) return false;
+  launch(p, pl, kernel);
+  return true;
 }
 
 template <DType ST>
@@ -193,7 +162,6 @@ bool run_st(const Params& p, const cuda::Plan& pl) {
 bool available() { return true; }
 
 bool run_fast(const Params& p, const cuda::Plan& pl) {
-  if (pl.kernel != cuda::Kernel::kFast && pl.kernel != cuda::Kernel::kFastMtp) return false;
   bool ran = false;
   switch (p.state_t) {
     case DType::F32: ran = run_st<DType::F32>(p, pl); break;

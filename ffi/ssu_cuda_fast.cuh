@@ -31,38 +31,8 @@
 namespace ssu {
 namespace cuda {
 
-// fp32 values of one 16-byte state vector -> its stored words (round to nearest even; int16:
-// encoded with the row's scale `sc`, docs/semantics.md "int16 state").
-template <DType ST>
-__device__ __forceinline__ uint4 pack_state(const float* v, float sc = 1.f) {
-  if constexpr (ST == DType::I16) {
-    uint32_t w[4];
-#pragma unroll
-    for (int j = 0; j < 4; ++j)
-      w[j] = uint32_t(uint16_t(int16_encode(v[2 * j], sc))) |
-             (uint32_t(uint16_t(int16_encode(v[2 * j + 1], sc))) << 16);
-    return make_uint4(w[0], w[1], w[2], w[3]);
-  } else if constexpr (ST == DType::F32) {
-    return make_uint4(__float_as_uint(v[0]), __float_as_uint(v[1]), __float_as_uint(v[2]),
-                      __float_as_uint(v[3]));
-  } else {
-    uint32_t w[4];
-#pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      if constexpr (ST == DType::BF16) {
-        const __nv_bfloat162 h = __floats2bfloat162_rn(v[2 * j], v[2 * j + 1]);
-        w[j] = *reinterpret_cast<const uint32_t*>(&h);
-      } else {
-        const __half2 h = __floats2half2_rn(v[2 * j], v[2 * j + 1]);
-        w[j] = *reinterpret_cast<const uint32_t*>(&h);
-      }
-    }
-    return make_uint4(w[0], w[1], w[2], w[3]);
-  }
-}
-
-// int16 rows: the scale of a row of new values, max |v| over the row's LPR lanes (compile-time
-// shuffle width; every lane of the warp takes part). NaN values do not raise the maximum, as
+// int16 rows: the scale of a row of new values, max |v| over the row's LPR lanes (every lane
+// of the warp takes part). NaN values do not raise the maximum, as
 // in the CPU handler.
 template <int LPR, int VPL, int E>
 __device__ __forceinline__ float row_scale(const float (&v)[VPL][E]) {
@@ -72,20 +42,7 @@ __device__ __forceinline__ float row_scale(const float (&v)[VPL][E]) {
 #pragma unroll
     for (int i = 0; i < E; ++i)
       am = fmaxf(am, fabsf(v[j][i]));
-#pragma unroll
-  for (int off = LPR / 2; off >= 1; off >>= 1)
-    am = fmaxf(am, __shfl_xor_sync(0xffffffffu, am, off));
-  return int16_scale(am);
-}
-
-// Each of a thread's KV row sums over the row's LPR lanes (every lane ends with the total).
-template <int LPR, int KV>
-__device__ __forceinline__ void rows_sum(float (&acc)[KV]) {
-#pragma unroll
-  for (int off = LPR / 2; off >= 1; off >>= 1)
-#pragma unroll
-    for (int k = 0; k < KV; ++k)
-      acc[k] += __shfl_xor_sync(0xffffffffu, acc[k], off);
+  return int16_scale(group_max<LPR>(am, LPR));
 }
 
 __device__ __forceinline__ void grid_dependency_wait() {
@@ -313,7 +270,9 @@ __global__ void __launch_bounds__(256) ssu_fast(const Params p, const Launch l) 
   }
 
   // ---- the row's lanes reduce; lane 0 writes out (+ D x, gate) ----
-  rows_sum<LPR>(acc);
+#pragma unroll
+  for (int k = 0; k < KV; ++k)
+    acc[k] = group_sum<LPR>(acc[k], LPR);
   if (lane == 0) {
 #pragma unroll
     for (int k = 0; k < KV; ++k) {
@@ -495,7 +454,9 @@ __global__ void __launch_bounds__(256) ssu_fast_mtp(const Params p, const Launch
         }
       }
     }
-    rows_sum<LPR>(acc);
+#pragma unroll
+    for (int k = 0; k < KV; ++k)
+      acc[k] = group_sum<LPR>(acc[k], LPR);
     if (lane == 0) {
       const int xb = ((row0 + t) * H + h) * P;
 #pragma unroll
@@ -508,6 +469,44 @@ __global__ void __launch_bounds__(256) ssu_fast_mtp(const Params p, const Launch
       }
     }
     if (t + 1 < len) cur = nxt;
+  }
+}
+
+// The fast-path instance that runs plan pl (kernel kFast / kFastMtp, pl.nv rows per thread) of
+// p, nullptr when none does. One selection for the CUDA launcher (ssu_cuda_launch.cuh) and the
+// host emulation (ssu_cuda_emu.cc).
+using FastKernel = void (*)(const Params, const Launch);
+
+template <DType ST, DType IT, int N, int KV>
+FastKernel fast_kernel_kv(const Params& p, const Plan& pl) {
+  if (pl.kernel == Kernel::kFastMtp) return ssu_fast_mtp<ST, IT, N, KV>;
+  if (p.dt_elem || p.A_elem || p.D_elem || p.bias_elem) {
+    if constexpr (fast_elem_dstate(N)) return ssu_fast<ST, IT, N, KV, true>;
+    return nullptr;
+  }
+  return ssu_fast<ST, IT, N, KV, false>;
+}
+
+template <DType ST, DType IT, int N>
+FastKernel fast_kernel_n(const Params& p, const Plan& pl) {
+  switch (pl.nv) {
+    case 1: return fast_kernel_kv<ST, IT, N, 1>(p, pl);
+    case 2: return fast_kernel_kv<ST, IT, N, 2>(p, pl);
+    case 4: return fast_kernel_kv<ST, IT, N, 4>(p, pl);
+    default: return nullptr;
+  }
+}
+
+template <DType ST, DType IT>
+FastKernel fast_kernel(const Params& p, const Plan& pl) {
+  if (pl.kernel != Kernel::kFast && pl.kernel != Kernel::kFastMtp) return nullptr;
+  switch (p.N) {
+    case 16: return fast_kernel_n<ST, IT, 16>(p, pl);
+    case 32: return fast_kernel_n<ST, IT, 32>(p, pl);
+    case 64: return fast_kernel_n<ST, IT, 64>(p, pl);
+    case 128: return fast_kernel_n<ST, IT, 128>(p, pl);
+    case 256: return fast_kernel_n<ST, IT, 256>(p, pl);
+    default: return nullptr;
   }
 }
 

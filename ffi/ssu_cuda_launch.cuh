@@ -62,10 +62,13 @@ cudaError_t launch_rows(const Params& p, const Plan& pl, dim3 grid, dim3 block,
   }
 }
 
-// The fast path: grid (row chunks, heads, entries); the instantiation for the call's dstate,
-// rows per thread and parameter layout; programmatic dependent launch when the plan asks.
-template <DType ST, DType IT, int N, int KV, bool ELEM>
-cudaError_t launch_fast_kernel(const Params& p, const Plan& pl, cudaStream_t stream) {
+// The fast path: grid (row chunks, heads, entries); the instance fast_kernel picks for the
+// call's dstate, rows per thread, steps and parameter layout; programmatic dependent launch
+// when the plan asks.
+template <DType ST, DType IT>
+cudaError_t launch_fast(const Params& p, const Plan& pl, cudaStream_t stream) {
+  const FastKernel kernel = fast_kernel<ST, IT>(p, pl);
+  if (kernel == nullptr) return cudaErrorInvalidConfiguration;
   cudaLaunchConfig_t cfg = {};
   cfg.gridDim = dim3(unsigned(pl.l.chunks), unsigned(p.H), unsigned(p.nb));
   cfg.blockDim = dim3(unsigned(pl.threads));
@@ -76,45 +79,7 @@ cudaError_t launch_fast_kernel(const Params& p, const Plan& pl, cudaStream_t str
   attr[0].val.programmaticStreamSerializationAllowed = 1;
   cfg.attrs = attr;
   cfg.numAttrs = pl.pdl ? 1 : 0;
-  if constexpr (!ELEM) {
-    if (pl.kernel == Kernel::kFastMtp)
-      return cudaLaunchKernelEx(&cfg, ssu_fast_mtp<ST, IT, N, KV>, p, pl.l);
-  }
-  return cudaLaunchKernelEx(&cfg, ssu_fast<ST, IT, N, KV, ELEM>, p, pl.l);
-}
-
-template <DType ST, DType IT, int N>
-cudaError_t launch_fast_n(const Params& p, const Plan& pl, cudaStream_t stream) {
-  const bool elem = p.dt_elem || p.A_elem || p.D_elem || p.bias_elem;
-  if (elem) {
-    if constexpr (fast_elem_dstate(N)) {
-      switch (pl.nv) {
-        case 1: return launch_fast_kernel<ST, IT, N, 1, true>(p, pl, stream);
-        case 2: return launch_fast_kernel<ST, IT, N, 2, true>(p, pl, stream);
-        case 4: return launch_fast_kernel<ST, IT, N, 4, true>(p, pl, stream);
-        default: return cudaErrorInvalidConfiguration;
-      }
-    }
-    return cudaErrorInvalidConfiguration;
-  }
-  switch (pl.nv) {
-    case 1: return launch_fast_kernel<ST, IT, N, 1, false>(p, pl, stream);
-    case 2: return launch_fast_kernel<ST, IT, N, 2, false>(p, pl, stream);
-    case 4: return launch_fast_kernel<ST, IT, N, 4, false>(p, pl, stream);
-    default: return cudaErrorInvalidConfiguration;
-  }
-}
-
-template <DType ST, DType IT>
-cudaError_t launch_fast(const Params& p, const Plan& pl, cudaStream_t stream) {
-  switch (p.N) {
-    case 16: return launch_fast_n<ST, IT, 16>(p, pl, stream);
-    case 32: return launch_fast_n<ST, IT, 32>(p, pl, stream);
-    case 64: return launch_fast_n<ST, IT, 64>(p, pl, stream);
-    case 128: return launch_fast_n<ST, IT, 128>(p, pl, stream);
-    case 256: return launch_fast_n<ST, IT, 256>(p, pl, stream);
-    default: return cudaErrorInvalidConfiguration;
-  }
+  return cudaLaunchKernelEx(&cfg, kernel, p, pl.l);
 }
 
 template <DType ST, DType IT>

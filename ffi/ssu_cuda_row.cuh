@@ -146,6 +146,36 @@ __device__ __forceinline__ void ld_state_vec(const void* base, int64_t i, float*
       v);
 }
 
+// fp32 values of one 16-byte state vector -> its stored words (round to nearest even; int16:
+// encoded with the row's scale `sc`, docs/semantics.md "int16 state").
+template <DType ST>
+__device__ __forceinline__ uint4 pack_state(const float* v, float sc = 1.f) {
+  if constexpr (ST == DType::I16) {
+    uint32_t w[4];
+#pragma unroll
+    for (int j = 0; j < 4; ++j)
+      w[j] = uint32_t(uint16_t(int16_encode(v[2 * j], sc))) |
+             (uint32_t(uint16_t(int16_encode(v[2 * j + 1], sc))) << 16);
+    return make_uint4(w[0], w[1], w[2], w[3]);
+  } else if constexpr (ST == DType::F32) {
+    return make_uint4(__float_as_uint(v[0]), __float_as_uint(v[1]), __float_as_uint(v[2]),
+                      __float_as_uint(v[3]));
+  } else {
+    uint32_t w[4];
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      if constexpr (ST == DType::BF16) {
+        const __nv_bfloat162 h = __floats2bfloat162_rn(v[2 * j], v[2 * j + 1]);
+        w[j] = *reinterpret_cast<const uint32_t*>(&h);
+      } else {
+        const __half2 h = __floats2half2_rn(v[2 * j], v[2 * j + 1]);
+        w[j] = *reinterpret_cast<const uint32_t*>(&h);
+      }
+    }
+    return make_uint4(w[0], w[1], w[2], w[3]);
+  }
+}
+
 struct StoreCtx {  // what a state store needs besides the values
   bool sr;
   int rounds;
@@ -160,44 +190,25 @@ template <DType ST, int E>
 __device__ __forceinline__ void st_state_vec(void* base, int64_t off, const float* v, float sc,
                                              const StoreCtx& sx, uint32_t t, uint32_t kind) {
   uint4* dst = reinterpret_cast<uint4*>(static_cast<typename Stor<ST>::type*>(base) + off);
-  if constexpr (ST == DType::F32) {
-    __stcs(reinterpret_cast<float4*>(dst), make_float4(v[0], v[1], v[2], v[3]));
-  } else {
-    uint32_t w[4];
-    if constexpr (ST == DType::I16) {
+  if constexpr (ST == DType::BF16 || ST == DType::F16) {
+    if (sx.sr) {
+      const Rand4 r0 = sr_block(uint64_t(off), t, kind, sx.k0, sx.k1, sx.rounds);
+      const Rand4 r1 = sr_block(uint64_t(off) + 4, t, kind, sx.k0, sx.k1, sx.rounds);
+      uint16_t q[8];
+#pragma unroll
+      for (int i = 0; i < 8; ++i) {
+        const uint32_t rnd = i < 4 ? r0.r[i] : r1.r[i - 4];
+        q[i] = ST == DType::BF16 ? f32_to_bf16_sr(v[i], rnd) : f32_to_f16_sr(v[i], rnd);
+      }
+      uint32_t w[4];
 #pragma unroll
       for (int j = 0; j < 4; ++j)
-        w[j] = uint32_t(uint16_t(int16_encode(v[2 * j], sc))) |
-               (uint32_t(uint16_t(int16_encode(v[2 * j + 1], sc))) << 16);
-    } else {
-      if (sx.sr) {
-        const Rand4 r0 = sr_block(uint64_t(off), t, kind, sx.k0, sx.k1, sx.rounds);
-        const Rand4 r1 = sr_block(uint64_t(off) + 4, t, kind, sx.k0, sx.k1, sx.rounds);
-        uint16_t q[8];
-#pragma unroll
-        for (int i = 0; i < 8; ++i) {
-          const uint32_t rnd = i < 4 ? r0.r[i] : r1.r[i - 4];
-          q[i] = ST == DType::BF16 ? f32_to_bf16_sr(v[i], rnd) : f32_to_f16_sr(v[i], rnd);
-        }
-#pragma unroll
-        for (int j = 0; j < 4; ++j)
-          w[j] = uint32_t(q[2 * j]) | (uint32_t(q[2 * j + 1]) << 16);
-      } else if constexpr (ST == DType::BF16) {
-#pragma unroll
-        for (int j = 0; j < 4; ++j) {
-          const __nv_bfloat162 h = __floats2bfloat162_rn(v[2 * j], v[2 * j + 1]);
-          w[j] = *reinterpret_cast<const uint32_t*>(&h);
-        }
-      } else {
-#pragma unroll
-        for (int j = 0; j < 4; ++j) {
-          const __half2 h = __floats2half2_rn(v[2 * j], v[2 * j + 1]);
-          w[j] = *reinterpret_cast<const uint32_t*>(&h);
-        }
-      }
+        w[j] = uint32_t(q[2 * j]) | (uint32_t(q[2 * j + 1]) << 16);
+      __stcs(dst, make_uint4(w[0], w[1], w[2], w[3]));
+      return;
     }
-    __stcs(dst, make_uint4(w[0], w[1], w[2], w[3]));
   }
+  __stcs(dst, pack_state<ST>(v, sc));
 }
 
 // One state element (generic kernel): plain loads/stores, SR per element.

@@ -26,7 +26,7 @@ awk '/Compiling entry function/ {f=$0} /spill stores/ && f ~ /ssu_fast/ && !/ 0 
 export PYTHONPATH=$PWD
 if [ -n "${TESTS:-}" ]; then
   t=$(date +%s)
-  timeout "${TEST_TIMEOUT:-240}" python -m pytest -q -x -p no:cacheprovider --tb=short $TESTS > "$OUT/tests.log" 2>&1
+  timeout "${TEST_TIMEOUT:-240}" python -m pytest -q ${PYTEST_ARGS:--x} -p no:cacheprovider --tb=short $TESTS > "$OUT/tests.log" 2>&1
   echo "tests rc=$? in $(( $(date +%s) - t )) s: $(tail -1 "$OUT/tests.log")"
   grep -E "^FAILED|^E  " "$OUT/tests.log" | head -15
 fi
