@@ -2,7 +2,7 @@
 // same kernel source, compiled by the host compiler with the CUDA intrinsics it uses defined on
 // the host (ssu_cuda_emu.cc), run warp by warp with one host thread per lane. It lets the CPU
 // test suite check the fast path's indexing, validity, write and rounding logic on a machine
-// without a GPU (JAX_MAMBA_CPU_EMULATE_FAST=1 with JAX_MAMBA_CUDA_FAST=1; docs/performance.md).
+// without a GPU (JAX_MAMBA_CPU_EMULATE_FAST=1, unless JAX_MAMBA_CUDA_FAST=0; docs/performance.md).
 // It says nothing about speed, memory ordering or what only a GPU can show.
 #pragma once
 #include "ssu_plan.h"

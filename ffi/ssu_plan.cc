@@ -38,13 +38,15 @@ int env_int(const char* name) {
   return e ? std::atoi(e) : 0;
 }
 
-// Fast-path switches, read once per process. JAX_MAMBA_CUDA_FAST=1 sends the calls the fast
-// path covers to it (ssu_fast, ssu_fast_mtp); unset or 0, everything runs the other kernels.
-// Off by default until the fast path has passed the GPU suite (it was written and compiled
-// without a GPU: notes/kernel_versions.md, v5). JAX_MAMBA_CUDA_PDL=1 launches it with
+// Fast-path switches, read once per process. The calls the fast path covers go to it (ssu_fast,
+// ssu_fast_mtp); JAX_MAMBA_CUDA_FAST=0 sends everything to the other kernels (the fallback, kept
+// for what the fast path does not cover and for comparison). JAX_MAMBA_CUDA_PDL=1 launches it with
 // programmatic dependent launch; JAX_MAMBA_CUDA_THREADS=32..256 sets its CTA size.
 bool fast_enabled() {
-  static const bool v = env_int("JAX_MAMBA_CUDA_FAST") > 0;
+  static const bool v = [] {
+    const char* e = std::getenv("JAX_MAMBA_CUDA_FAST");
+    return !(e && e[0] == '0');
+  }();
   return v;
 }
 bool fast_mtp_enabled() {  // JAX_MAMBA_CUDA_FAST_MTP=0: multi-token steps to the other kernels

@@ -11,8 +11,8 @@ if [ -n "${KEEP:-}" ]; then
   done
 fi
 export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
-# The fast path is opt-in (ffi/ssu_plan.cc): on for everything here unless a variant says 0.
-export JAX_MAMBA_CUDA_FAST=${JAX_MAMBA_CUDA_FAST:-1}
+# The fast path is the default (ffi/ssu_plan.cc); a variant with JAX_MAMBA_CUDA_FAST=0 times the
+# fallback kernels.
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader
 t=$(date +%s)
 BDIR=build/gpu

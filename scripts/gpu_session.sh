@@ -8,7 +8,8 @@
 #   sanitize   compute-sanitizer memcheck on the small case set (pytest -m sanitize -k gpu)
 #   racecheck  the same under compute-sanitizer racecheck (not in the default STAGES)
 #   perf       kernel timings by the package's benchmark CLI (python -m jax_mamba.benchmark;
-#              the default kernels, then the fast path: JAX_MAMBA_CUDA_FAST=1, perf_fast.json;
+#              the default (the fast path where it covers a case), then the fallback kernels:
+#              JAX_MAMBA_CUDA_FAST=0, perf_fallback.json;
 #              variants: ROWS_VARIANTS="1 2 4" through JAX_MAMBA_CUDA_ROWS, ALG_VARIANTS="vertical")
 #              and torch's copy_ of 1 GiB beside the CLI's ceiling (they must agree within 3%)
 #   ncu        ncu sections of the ssu_ kernels on NCU_CASES
@@ -155,11 +156,11 @@ else:
     print("ceiling vs torch copy_: no torch figure (torch missing?)")
 EOF
 )"
-  # the fast path (opt-in until it has passed this suite: ffi/ssu_plan.cc), same cases
-  JAX_MAMBA_CUDA_FAST=1 stage perf_fast 400 python -m jax_mamba.benchmark --impl ffi \
-    --json "$OUT/perf_fast.json" "${cases[@]}" ${PERF_ARGS:-}
+  # the fallback kernels (what ran before the fast path; JAX_MAMBA_CUDA_FAST=0), same cases
+  [ -z "${NO_FALLBACK:-}" ] && JAX_MAMBA_CUDA_FAST=0 stage perf_fallback 400 python -m jax_mamba.benchmark \
+    --impl ffi --json "$OUT/perf_fallback.json" "${cases[@]}" ${PERF_ARGS:-}
   for v in ${ROWS_VARIANTS:-}; do
-    JAX_MAMBA_CUDA_FAST=1 JAX_MAMBA_CUDA_ROWS=$v stage "perf_rows$v" 120 python -m jax_mamba.benchmark --impl ffi \
+    JAX_MAMBA_CUDA_ROWS=$v stage "perf_rows$v" 120 python -m jax_mamba.benchmark --impl ffi \
       --case b1-bf16 --case b64-bf16 --case b256-bf16 --case b64-fp32
   done
   for a in ${ALG_VARIANTS:-}; do
@@ -170,11 +171,12 @@ fi
 if has ncu; then
   if command -v ncu > /dev/null; then
     for cs in ${NCU_CASES:-b64-bf16 b1-bf16}; do
-      JAX_MAMBA_CUDA_FAST=1 stage "ncu_fast_$cs" 150 ncu --clock-control none --kernel-name regex:ssu_ \
+      stage "ncu_$cs" 150 ncu --clock-control none --kernel-name regex:ssu_ \
         --launch-skip 40 --launch-count 4 --section SpeedOfLight --section Occupancy \
         --section LaunchStats --section MemoryWorkloadAnalysis \
         python -m jax_mamba.benchmark --impl ffi --case "$cs" --reps 3
-      stage "ncu_$cs" 150 ncu --clock-control none --kernel-name regex:ssu_ --launch-skip 40 --launch-count 4 \
+      JAX_MAMBA_CUDA_FAST=0 stage "ncu_fallback_$cs" 150 ncu --clock-control none --kernel-name regex:ssu_ \
+        --launch-skip 40 --launch-count 4 \
         --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
         --section MemoryWorkloadAnalysis python -m jax_mamba.benchmark --impl ffi --case "$cs" --reps 3
     done

@@ -1,9 +1,10 @@
 """The CUDA fast path (ssu_fast / ssu_fast_mtp) checked on the CPU through its host emulation
 (ffi/ssu_cuda_emu.h: the kernel source compiled for the host, one thread per lane): with
-JAX_MAMBA_CUDA_FAST=1 JAX_MAMBA_CPU_EMULATE_FAST=1 the CPU handler runs every call the fast
-path covers through the emulated kernel instead of its own loop. This checks the kernels'
+JAX_MAMBA_CPU_EMULATE_FAST=1 (and the fast path not switched off by JAX_MAMBA_CUDA_FAST=0) the
+CPU handler runs every call the fast path covers through the emulated kernel instead of its
+own loop. This checks the kernels'
 indexing, validity, write and rounding logic against the oracle without a GPU; it says nothing
-about what only a GPU shows (tests/test_fast_path.py runs the same tests there).
+about what only a GPU shows (the GPU suite runs the same tests on the fast path there).
 Skipped when the CPU module was built without the CUDA headers."""
 import os
 import subprocess

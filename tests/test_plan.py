@@ -1,7 +1,7 @@
 """The CUDA planner (ffi/ssu_plan.cc) as pure host functions, through the CPU module: which
 kernel runs a problem, and which explicit strategies are refused and why (docs/semantics.md, `algorithm`).
 
-The fast path is opt-in (JAX_MAMBA_CUDA_FAST=1, read once per process): the kernel choice is
+The fast path is on unless JAX_MAMBA_CUDA_FAST=0 (read once per process): the kernel choice is
 checked in child processes with the switch on and off."""
 import json
 import os
@@ -86,18 +86,18 @@ def test_kernel_choice(i):
 
 @pytest.mark.parametrize("i", _cases(CHOICES))
 def test_kernel_choice_without_fast_path(i):
-    """Unset / 0: the fast path's problems run the other kernels (listed third); every other
+    """JAX_MAMBA_CUDA_FAST=0: the fast path's problems run the other kernels (listed third); every other
     problem gets the same kernel as with the fast path on."""
     kw, kernel = CHOICES[i][0], CHOICES[i][-1]
     assert choices("0")[i] == (kernel, ""), kw
 
 
-def test_fast_path_is_off_unless_asked():
-    """The process default (no JAX_MAMBA_CUDA_FAST in the environment) is the other kernels."""
-    if os.environ.get("JAX_MAMBA_CUDA_FAST"):
+def test_fast_path_is_on_by_default():
+    """The process default (no JAX_MAMBA_CUDA_FAST in the environment) is the fast path."""
+    if "JAX_MAMBA_CUDA_FAST" in os.environ:
         pytest.skip("JAX_MAMBA_CUDA_FAST is set in this environment")
-    assert plan() == ("ssu_simple_step1", "")
-    assert plan(T=4) == ("ssu_simple", "")
+    assert plan() == ("ssu_fast", "")
+    assert plan(T=4) == ("ssu_fast_mtp", "")
 
 
 @pytest.mark.parametrize("kw,words", [
