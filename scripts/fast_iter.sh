@@ -2,7 +2,8 @@
 # Kernel iteration in one device call: build (sm_90a), ptxas summary of the fast path, the GPU
 # correctness subset, then scripts/fast_harness.py per variant (one process each: the variant
 # switches are read once per process). KEEP="file ..." restores every other modified tracked
-# file to HEAD first (the device gets a copy of a working tree others are editing).
+# file to HEAD first (the device gets a copy of a working tree others are editing). NCU="case ..."
+# and CLI="case ..." add an ncu pass and the benchmark CLI (below).
 set -uo pipefail
 OUT=${OUT:-gpu_out}; mkdir -p "$OUT"
 if [ -n "${KEEP:-}" ]; then
@@ -38,3 +39,19 @@ for v in "${VARS[@]}"; do  # tag:ENV=v ENV=v[:case case ...]
   [[ "$rest" == *:* ]] && cases=${rest#*:}
   CASES=$cases run "$tag" $envs
 done
+# NCU="case ...": ncu kernel time, DRAM %, warps active, grid and registers of every ssu_ kernel
+# of a short harness run (CSV: $OUT/ncu.csv), to tell kernel time from per-call overhead.
+if [ -n "${NCU:-}" ]; then
+  # shellcheck disable=SC2086
+  timeout "${NCU_TIMEOUT:-100}" ncu --clock-control none --kernel-name regex:ssu_ --csv --metrics \
+    gpu__time_duration.sum,dram__throughput.avg.pct_of_peak_sustained_elapsed,sm__warps_active.avg.pct_of_peak_sustained_active,launch__grid_size,launch__block_size,launch__registers_per_thread \
+    python scripts/fast_harness.py --reps 1 --calls 3 $NCU > "$OUT/ncu.csv" 2>&1
+  echo "ncu rc=$?: $(grep -c '"gpu__time_duration.sum"' "$OUT/ncu.csv") kernel rows in ncu.csv"
+fi
+# CLI="case ...": the package's benchmark CLI on those cases (its ceiling, JSON in $OUT/cli.json)
+if [ -n "${CLI:-}" ]; then
+  args=(); for c in $CLI; do args+=(--case "$c"); done
+  timeout "${CLI_TIMEOUT:-220}" python -m jax_mamba.benchmark --impl ffi --reps "${CLI_REPS:-7}" \
+    --json "$OUT/cli.json" "${args[@]}" > "$OUT/cli.txt" 2>&1
+  echo "cli rc=$?"; grep -v "^W0000\|^I0000\|^WARNING" "$OUT/cli.txt" | tail -40
+fi
