@@ -51,9 +51,9 @@ inline float ld_any(const void* p, DType t, int64_t i) {
   }
 }
 
-// sr_block for blocks g0 .. g0+nblk-1, 4 words each into `out` (room for nblk rounded up to
-// 8 blocks). Eight independent Philox streams per pass so the rounds vectorise: one call per
-// 4 elements done serially cost more than the whole recurrence.
+// sr_block (ssu_math.h) for groups g0 .. g0+nblk-1, 4 words each into `out` (room for nblk
+// rounded up to 8 groups). Eight independent Philox streams per pass so the rounds vectorise:
+// one call per group done serially cost more than the whole recurrence.
 inline void philox_blocks(uint64_t g0, int64_t nblk, uint32_t t, uint32_t kind, uint32_t key0,
                           uint32_t key1, int rounds, uint32_t* out) {
   for (int64_t b0 = 0; b0 < nblk; b0 += 8) {
@@ -126,15 +126,19 @@ void store_row(const Params& p, void* base, float* scale, int64_t off, int64_t s
         st_rn<ST>(q, n, s[n]);
       return;
     }
-    // Element e takes word e % 4 of sr_block(e): the words of the row's blocks, in order.
-    const uint64_t g0 = uint64_t(off) >> 2;
-    const int64_t nblk = int64_t(((uint64_t(off + N) + 3) >> 2) - g0);
+    // Element e takes half e % 8 of sr_block(e) (ssu_math.h): the halves of the row's blocks,
+    // in order, from element 8 * g0 on.
+    const uint64_t g0 = uint64_t(off) >> 3;
+    const int64_t nblk = int64_t(((uint64_t(off + N) + 7) >> 3) - g0);
     thread_local std::vector<uint32_t> words;
     words.resize(size_t(nblk + 8) * 4);
     philox_blocks(g0, nblk, t, kind, p.seed[0], p.seed[1], p.philox_rounds, words.data());
-    const uint32_t* w = words.data() + (uint64_t(off) & 3);
-    for (int64_t n = 0; n < N; ++n)
-      q[n] = ST == DType::BF16 ? f32_to_bf16_sr(s[n], w[n]) : f32_to_f16_sr(s[n], w[n]);
+    const int64_t h0 = off & 7;  // half of the first block the row starts at
+    for (int64_t n = 0; n < N; ++n) {
+      const int64_t i = h0 + n;
+      const uint32_t r = words[size_t(i >> 1)] >> ((i & 1) * 16);
+      q[n] = ST == DType::BF16 ? f32_to_bf16_sr(s[n], r) : f32_to_f16_sr(s[n], r);
+    }
   }
 }
 

@@ -176,6 +176,24 @@ __device__ __forceinline__ uint4 pack_state(const float* v, float sc = 1.f) {
   }
 }
 
+// fp32 values of one 16-byte vector of a 16-bit float state -> its stored words with
+// stochastic rounding: element i takes sr_half(r, i), r being the Philox output of the
+// vector's group of 8 elements (ssu_math.h sr_block; the vector starts at a multiple of 8).
+template <DType ST>
+__device__ __forceinline__ uint4 pack_state_sr(const float* v, const Rand4& r) {
+  static_assert(ST == DType::BF16 || ST == DType::F16, "stochastic rounding: 16-bit floats");
+  uint32_t w[4];
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    const uint32_t lo =
+        ST == DType::BF16 ? f32_to_bf16_sr(v[2 * j], r.r[j]) : f32_to_f16_sr(v[2 * j], r.r[j]);
+    const uint32_t hi = ST == DType::BF16 ? f32_to_bf16_sr(v[2 * j + 1], r.r[j] >> 16)
+                                          : f32_to_f16_sr(v[2 * j + 1], r.r[j] >> 16);
+    w[j] = lo | (hi << 16);
+  }
+  return make_uint4(w[0], w[1], w[2], w[3]);
+}
+
 struct StoreCtx {  // what a state store needs besides the values
   bool sr;
   int rounds;
@@ -183,28 +201,15 @@ struct StoreCtx {  // what a state store needs besides the values
 };
 
 // Stores E fp32 values as one 16-byte state vector at element offset `off` (off % E == 0).
-// `sc`: the int16 row scale. SR bit assignment as in ssu_cpu.cc: element e = off + i takes
-// word e % 4 of sr_block(e, t, kind); off % 8 == 0 for 16-bit states, so the vector holds
-// exactly the two Philox blocks off/4 and off/4 + 1.
+// `sc`: the int16 row scale. With stochastic rounding (16-bit states, E == 8, off % 8 == 0)
+// the vector is exactly the Philox group off / 8 (sr_block, ssu_math.h).
 template <DType ST, int E>
 __device__ __forceinline__ void st_state_vec(void* base, int64_t off, const float* v, float sc,
                                              const StoreCtx& sx, uint32_t t, uint32_t kind) {
   uint4* dst = reinterpret_cast<uint4*>(static_cast<typename Stor<ST>::type*>(base) + off);
   if constexpr (ST == DType::BF16 || ST == DType::F16) {
     if (sx.sr) {
-      const Rand4 r0 = sr_block(uint64_t(off), t, kind, sx.k0, sx.k1, sx.rounds);
-      const Rand4 r1 = sr_block(uint64_t(off) + 4, t, kind, sx.k0, sx.k1, sx.rounds);
-      uint16_t q[8];
-#pragma unroll
-      for (int i = 0; i < 8; ++i) {
-        const uint32_t rnd = i < 4 ? r0.r[i] : r1.r[i - 4];
-        q[i] = ST == DType::BF16 ? f32_to_bf16_sr(v[i], rnd) : f32_to_f16_sr(v[i], rnd);
-      }
-      uint32_t w[4];
-#pragma unroll
-      for (int j = 0; j < 4; ++j)
-        w[j] = uint32_t(q[2 * j]) | (uint32_t(q[2 * j + 1]) << 16);
-      __stcs(dst, make_uint4(w[0], w[1], w[2], w[3]));
+      __stcs(dst, pack_state_sr<ST>(v, sr_block(uint64_t(off), t, kind, sx.k0, sx.k1, sx.rounds)));
       return;
     }
   }
@@ -233,9 +238,8 @@ __device__ __forceinline__ void st_state_scalar(void* base, int64_t i, float v, 
     q[i] = int16_encode(v, sc);
   else {
     if (sx.sr) {
-      const Rand4 r = sr_block(uint64_t(i), t, kind, sx.k0, sx.k1, sx.rounds);
-      const int w = int(i & 3);
-      const uint32_t rnd = w == 0 ? r.r[0] : w == 1 ? r.r[1] : w == 2 ? r.r[2] : r.r[3];
+      const uint32_t rnd =
+          sr_half(sr_block(uint64_t(i), t, kind, sx.k0, sx.k1, sx.rounds), int(i & 7));
       q[i] = ST == DType::BF16 ? f32_to_bf16_sr(v, rnd) : f32_to_f16_sr(v, rnd);
     } else {
       q[i] = to16_rn<ST>(v);

@@ -128,17 +128,25 @@ SSU_HD Rand4 philox4x32(uint32_t c0, uint32_t c1, uint32_t c2, uint32_t c3, uint
   return Rand4{{c0, c1, c2, c3}};
 }
 
-// Random word for element `e` (linear index in the destination buffer) at step `t` of a store
-// of kind `kind` (0 = state cache, 1 = intermediate buffer): one Philox call per 4 consecutive
-// elements, element e takes word e % 4.
+// Stochastic-rounding bits (docs/semantics.md, "Stochastic rounding"): a store of kind `kind`
+// (0 = state cache, 1 = intermediate buffer) at step `t` draws one Philox call per group of 8
+// consecutive elements of the destination buffer, counter (g low, g high, t, kind) with
+// g = e / 8 for the element's linear index e in that buffer; element e takes the 16-bit half
+// e % 8 of the call's output: word (e % 8) / 2, its low half for even e, its high half for odd.
+// sr_block: the Philox output of e's group; sr_half: the 16 bits of element i = e % 8 in it.
 SSU_HD Rand4 sr_block(uint64_t e, uint32_t t, uint32_t kind, uint32_t k0, uint32_t k1, int rounds) {
-  uint64_t g = e >> 2;
+  const uint64_t g = e >> 3;
   return philox4x32(uint32_t(g), uint32_t(g >> 32), t, kind, k0, k1, rounds);
 }
+SSU_HD uint32_t sr_half(const Rand4& r, int i) {
+  const int w = i >> 1;  // selects, not r.r[w]: a runtime index would put r in local memory
+  const uint32_t x = w == 0 ? r.r[0] : w == 1 ? r.r[1] : w == 2 ? r.r[2] : r.r[3];
+  return (x >> ((i & 1) * 16)) & 0xffffu;
+}
 
-// ---- stochastic rounding (unbiased: E[result] = v) ----
-// bf16: add 16 random bits below the kept mantissa, then truncate (bf16 shares fp32's exponent
-// range, so this is exact SR for normals and subnormals alike).
+// ---- stochastic rounding (unbiased: E[result] = v), from 16 random bits (the low half of rnd)
+// ---- bf16: add the 16 random bits to the 16 dropped mantissa bits, then truncate (bf16 shares
+// fp32's exponent range, so this is exact SR for normals and subnormals alike).
 SSU_HD uint16_t f32_to_bf16_sr(float v, uint32_t rnd) {
   uint32_t u = f32_bits(v);
   if ((u & 0x7f800000u) == 0x7f800000u) return f32_to_bf16_rn(v);  // Inf / NaN
@@ -146,15 +154,17 @@ SSU_HD uint16_t f32_to_bf16_sr(float v, uint32_t rnd) {
   return uint16_t(u >> 16);
 }
 
-// fp16: normal range -> add 13 random bits and truncate; subnormal range -> the grid is 2^-24,
-// round |v|*2^24 up with probability equal to its fraction (24 random bits).
+// fp16: normal range -> add the top 13 of the 16 random bits to the 13 dropped mantissa bits
+// and truncate (exact); subnormal range -> the grid is 2^-24: |v|*2^24 = q + f (q integer,
+// 0 <= f < 1) rounds up to q + 1 when (r + 1/2) / 2^16 < f for the 16-bit random r, i.e. with
+// probability f rounded to a multiple of 2^-16.
 SSU_HD uint16_t f32_to_f16_sr(float v, uint32_t rnd) {
   uint32_t u = f32_bits(v);
   uint16_t sign = uint16_t((u >> 16) & 0x8000u);
   uint32_t a = u & 0x7fffffffu;
   if (a >= 0x7f800000u) return f32_to_f16_rn(v);
   if (a >= 0x38800000u) {
-    uint32_t r = (a + (rnd & 0x1fffu)) & ~0x1fffu;
+    uint32_t r = (a + ((rnd & 0xffffu) >> 3)) & ~0x1fffu;
     if (r >= 0x47800000u) return uint16_t(sign | 0x7c00u);  // beyond 65504 -> Inf
     return uint16_t(sign | ((r - 0x38000000u) >> 13));
   }
@@ -162,7 +172,7 @@ SSU_HD uint16_t f32_to_f16_sr(float v, uint32_t rnd) {
   float fl = floorf(q);
   float fr = q - fl;  // exact
   uint32_t qi = uint32_t(fl);
-  if (float(rnd >> 8) * 5.9604644775390625e-08f < fr) ++qi;
+  if ((float(rnd & 0xffffu) + 0.5f) * 1.52587890625e-05f < fr) ++qi;  // (r + 1/2) * 2^-16: exact
   return uint16_t(sign | qi);
 }
 

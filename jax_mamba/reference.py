@@ -39,15 +39,18 @@ def philox4x32(c0, c1, c2, c3, k0, k1, rounds):
 
 
 def sr_bits(elem, t, kind, seed, rounds):
-    """Random word of each element (int32/64 linear index `elem` in its destination buffer) at
-    step t, as in ffi/ssu_math.h: one Philox call per 4 consecutive elements."""
-    g = elem >> 2
+    """16 random bits of each element (int32/64 linear index `elem` in its destination buffer) at
+    step t, as in ffi/ssu_math.h (sr_block, sr_half): one Philox call per 8 consecutive elements
+    (counter (elem // 8, t, kind)); element e takes the 16-bit half e % 8 of its output, word
+    (e % 8) // 2, the low half for even e and the high half for odd."""
+    g = elem >> 3
     lo = g.astype(_U32)
     hi = (g >> 32).astype(_U32) if g.dtype.itemsize == 8 else jnp.zeros_like(lo)
     r = philox4x32(lo, hi, jnp.broadcast_to(_u32(t), lo.shape), jnp.full(lo.shape, kind, _U32),
                    seed[0], seed[1], rounds)
-    k = (elem & 3).astype(jnp.int32)
-    return jnp.where(k == 0, r[0], jnp.where(k == 1, r[1], jnp.where(k == 2, r[2], r[3])))
+    k = ((elem & 7) >> 1).astype(jnp.int32)
+    w = jnp.where(k == 0, r[0], jnp.where(k == 1, r[1], jnp.where(k == 2, r[2], r[3])))
+    return (w >> ((elem & 1) * 16).astype(_U32)) & 0xFFFF
 
 
 def _to_bf16_sr(v, rnd):
@@ -61,11 +64,12 @@ def _to_f16_sr(v, rnd):
     u = lax.bitcast_convert_type(v, _U32)
     sign = (u >> 16) & 0x8000
     a = u & 0x7FFFFFFF
-    r = (a + (rnd & 0x1FFF)) & ~_u32(0x1FFF)
+    r = (a + ((rnd & 0xFFFF) >> 3)) & ~_u32(0x1FFF)  # the top 13 of the 16 bits
     normal = jnp.where(r >= 0x47800000, _u32(0x7C00), (r - 0x38000000) >> 13)
     q = lax.bitcast_convert_type(a, jnp.float32) * 16777216.0
     fl = jnp.floor(q)
-    up = (rnd >> 8).astype(jnp.float32) * 5.9604644775390625e-08 < q - fl
+    # subnormal: up when (r + 1/2) / 2^16 < the fraction (exact in fp32)
+    up = ((rnd & 0xFFFF).astype(jnp.float32) + 0.5) * 1.52587890625e-05 < q - fl
     sub = fl.astype(_U32) + up.astype(_U32)
     bits = (sign | jnp.where(a >= 0x38800000, normal, sub)).astype(jnp.uint16)
     out = lax.bitcast_convert_type(bits, jnp.float16)
