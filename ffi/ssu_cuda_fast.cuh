@@ -1,10 +1,12 @@
 // The fast path: single-token steps (STP, and MTP with T = 1) specialised at compile time.
 //
-// ssu_fast<ST, IT, N, KV, ELEM>: state dtype, input dtype, dstate N, rows per thread KV and
-// per-element parameters (Mamba-1 style A (H,P,N), dt / D / dt_bias per (H,P)) are template
-// parameters, so the inner loop's bounds, vectors per row and the shuffle reduction's width are
-// constants. What a call switches besides (index width, dst given, D, dt_bias, softplus, z, the
-// dt/D/dt_bias dtype) costs one uniform branch per thread, outside the per-element loop.
+// ssu_fast<ST, IT, N, KV, ELEM, SR>: state dtype, input dtype, dstate N, rows per thread KV,
+// per-element parameters (Mamba-1 style A (H,P,N), dt / D / dt_bias per (H,P)) and stochastic
+// rounding (16-bit float states with a seed: one Philox call per stored 16-byte vector of 8
+// elements, ssu_math.h sr_block) are template parameters, so the inner loop's bounds, vectors
+// per row and the shuffle reduction's width are constants. What a call switches besides (index
+// width, dst given, D, dt_bias, softplus, z, the dt/D/dt_bias dtype) costs one uniform branch per
+// thread, outside the per-element loop.
 //
 // Layout: a state row (slot, head, p) is VPR = N * sizeof(state) / 16 16-byte vectors; a group
 // of LPR = min(VPR, 32) consecutive lanes covers a row, lane l owning vectors l, l + LPR, ...
@@ -78,8 +80,9 @@ __device__ __forceinline__ float w_value(uint32_t w, DType t) {
   return __half2float(__ushort_as_half((unsigned short)w));
 }
 
-template <DType ST, DType IT, int N, int KV, bool ELEM>
+template <DType ST, DType IT, int N, int KV, bool ELEM, bool SR>
 __global__ void __launch_bounds__(256) ssu_fast(const Params p, const Launch l) {
+  static_assert(!SR || ST == DType::BF16 || ST == DType::F16, "stochastic rounding: 16-bit floats");
   using SW = typename Stor<ST>::type;
   using R = FastRow<ST, N>;
   constexpr int E = R::E, LPR = R::LPR, VPL = R::VPL;
@@ -107,7 +110,8 @@ __global__ void __launch_bounds__(256) ssu_fast(const Params p, const Launch l) 
   const bool D_h_on = p.has_D && !(ELEM && p.D_elem);
   const uint32_t w_D = D_h_on ? ld_w_raw(p.D, pt, h) : 0u;
   const float A_h = ELEM && p.A_elem ? 0.f : __ldg(p.A + h);
-  const int g = l.g_mul ? int(__umulhi(unsigned(h), l.g_mul) >> l.g_shr) : h;  // h / (H / G)
+  const uint32_t k0 = SR ? __ldg(p.seed) : 0u, k1 = SR ? __ldg(p.seed + 1) : 0u;  // Philox key
+  const int g = l.g_mul ? int(__umulhi(unsigned(h), l.g_mul) >> l.g_shr) : h;     // h / (H / G)
   float Bf[VPL][E], Cf[VPL][E];
   {
     const int bc = (b * int(p.G) + g) * N + lane * E;
@@ -258,14 +262,28 @@ __global__ void __launch_bounds__(256) ssu_fast(const Params p, const Launch l) 
         if (lane == 0 && on(k)) p.state_scale[uint64_t(dst) * HP + uint32_t(h * P + row(k))] = sc;
       }
     }
+    if constexpr (SR) {
+      acc[k] = a;
+      // stochastic rounding: one Philox call per vector, its group of 8 elements in the state
+      // buffer (sr_block: counter (element / 8, step 0, kind 0))
+      if (dst_row != nullptr && on(k)) {
+        const uint64_t e0 = uint64_t(dst) * slot_elems + (in_slot + k * row_step);
 #pragma unroll
-    for (int j = 0; j < VPL; ++j)
-      raw[k][j] = pack_state<ST>(sv[j], sc);
-    acc[k] = a;
-    if (dst_row != nullptr && on(k)) {
+        for (int j = 0; j < VPL; ++j)
+          __stcs(reinterpret_cast<uint4*>(dst_row + k * row_step + j * LPR * E),
+                 pack_state_sr<ST>(
+                     sv[j], sr_block(e0 + uint32_t(j * LPR * E), 0u, 0u, k0, k1, p.philox_rounds)));
+      }
+    } else {
 #pragma unroll
       for (int j = 0; j < VPL; ++j)
-        __stcs(reinterpret_cast<uint4*>(dst_row + k * row_step + j * LPR * E), raw[k][j]);
+        raw[k][j] = pack_state<ST>(sv[j], sc);
+      acc[k] = a;
+      if (dst_row != nullptr && on(k)) {
+#pragma unroll
+        for (int j = 0; j < VPL; ++j)
+          __stcs(reinterpret_cast<uint4*>(dst_row + k * row_step + j * LPR * E), raw[k][j]);
+      }
     }
   }
 
@@ -293,12 +311,12 @@ namespace cuda {
 
 // ---- Multi-token steps (MTP, T >= 2, not varlen) on the same layout ----
 //
-// ssu_fast_mtp<ST, IT, N, KV>: per-head parameters only (Mamba-2); float states without
-// stochastic rounding, and int16 block-scaled states. A CTA is (row chunk, head, entry) as
-// above; the entry is resolved once per thread by resolve_entry (ssu_params.h: 2-D indices,
-// num_accepted_tokens, dst, the intermediate row, cache_steps and every validity rule, uniform
-// over the CTA). The thread's KV rows stay in fp32 registers across the T steps and are rounded
-// only when stored. Step t + 1's inputs (x, z, dt, B/C slices and, with 2-D dst, its write
+// ssu_fast_mtp<ST, IT, N, KV, SR>: per-head parameters only (Mamba-2); float states, with
+// stochastic rounding (SR) or without, and int16 block-scaled states. A CTA is (row chunk, head,
+// entry) as above; the entry is resolved once per thread by resolve_entry (ssu_params.h: 2-D
+// indices, num_accepted_tokens, dst, the intermediate row, cache_steps and every validity rule,
+// uniform over the CTA). The thread's KV rows stay in fp32 registers across the T steps and are
+// rounded only when stored. Step t + 1's inputs (x, z, dt, B/C slices and, with 2-D dst, its write
 // slot) are loaded before step t is computed, so each step's loads fly under the previous
 // step's math. After step t: the row's state to intermediate[ii, t] (when the entry has an
 // intermediate row) and to the step's dst slot (state_write_slot), both streaming stores.
@@ -313,8 +331,9 @@ struct MtpStep {
   int64_t wslot;
 };
 
-template <DType ST, DType IT, int N, int KV>
+template <DType ST, DType IT, int N, int KV, bool SR>
 __global__ void __launch_bounds__(256) ssu_fast_mtp(const Params p, const Launch l) {
+  static_assert(!SR || ST == DType::BF16 || ST == DType::F16, "stochastic rounding: 16-bit floats");
   using SW = typename Stor<ST>::type;
   using R = FastRow<ST, N>;
   constexpr int E = R::E, LPR = R::LPR, VPL = R::VPL;
@@ -333,6 +352,7 @@ __global__ void __launch_bounds__(256) ssu_fast_mtp(const Params p, const Launch
   grid_dependents_launch();
 
   const float A_h = __ldg(p.A + h);
+  const uint32_t k0 = SR ? __ldg(p.seed) : 0u, k1 = SR ? __ldg(p.seed + 1) : 0u;  // Philox key
   const uint32_t w_bias = p.has_dt_bias ? ld_w_raw(p.dt_bias, pt, h) : 0u;
   const uint32_t w_D = p.has_D ? ld_w_raw(p.D, pt, h) : 0u;
   const int g = l.g_mul ? int(__umulhi(unsigned(h), l.g_mul) >> l.g_shr) : h;  // h / (H / G)
@@ -444,13 +464,34 @@ __global__ void __launch_bounds__(256) ssu_fast_mtp(const Params p, const Launch
         }
       }
       if (store && on(k)) {
+        if constexpr (SR) {
+          // stochastic rounding: one Philox call per vector and destination, its group of 8
+          // elements in that buffer (sr_block: counter (element / 8, step t, kind 1 for the
+          // intermediate buffer, 0 for the state))
+          const uint32_t r0 = in_slot + k * row_step;  // the row's first element in its slot
+          const uint64_t ie0 = (uint64_t(e.ii) * uint64_t(p.CS) + uint64_t(t)) * slot_elems + r0;
+          const uint64_t de0 = uint64_t(cur.wslot) * slot_elems + r0;
 #pragma unroll
-        for (int j = 0; j < VPL; ++j) {
-          const uint4 v = pack_state<ST>(st[k][j], sc);
-          if (it_row != nullptr)
-            __stcs(reinterpret_cast<uint4*>(it_row + k * row_step + j * LPR * E), v);
-          if (dst_row != nullptr)
-            __stcs(reinterpret_cast<uint4*>(dst_row + k * row_step + j * LPR * E), v);
+          for (int j = 0; j < VPL; ++j) {
+            const uint32_t c = uint32_t(j * LPR * E);
+            if (it_row != nullptr)
+              __stcs(reinterpret_cast<uint4*>(it_row + k * row_step + c),
+                     pack_state_sr<ST>(
+                         st[k][j], sr_block(ie0 + c, uint32_t(t), 1u, k0, k1, p.philox_rounds)));
+            if (dst_row != nullptr)
+              __stcs(reinterpret_cast<uint4*>(dst_row + k * row_step + c),
+                     pack_state_sr<ST>(
+                         st[k][j], sr_block(de0 + c, uint32_t(t), 0u, k0, k1, p.philox_rounds)));
+          }
+        } else {
+#pragma unroll
+          for (int j = 0; j < VPL; ++j) {
+            const uint4 v = pack_state<ST>(st[k][j], sc);
+            if (it_row != nullptr)
+              __stcs(reinterpret_cast<uint4*>(it_row + k * row_step + j * LPR * E), v);
+            if (dst_row != nullptr)
+              __stcs(reinterpret_cast<uint4*>(dst_row + k * row_step + j * LPR * E), v);
+          }
         }
       }
     }
@@ -477,14 +518,23 @@ __global__ void __launch_bounds__(256) ssu_fast_mtp(const Params p, const Launch
 // host emulation (ssu_cuda_emu.cc).
 using FastKernel = void (*)(const Params, const Launch);
 
-template <DType ST, DType IT, int N, int KV>
-FastKernel fast_kernel_kv(const Params& p, const Plan& pl) {
-  if (pl.kernel == Kernel::kFastMtp) return ssu_fast_mtp<ST, IT, N, KV>;
+template <DType ST, DType IT, int N, int KV, bool SR>
+FastKernel fast_kernel_sr(const Params& p, const Plan& pl) {
+  if (pl.kernel == Kernel::kFastMtp) return ssu_fast_mtp<ST, IT, N, KV, SR>;
   if (p.dt_elem || p.A_elem || p.D_elem || p.bias_elem) {
-    if constexpr (fast_elem_dstate(N)) return ssu_fast<ST, IT, N, KV, true>;
+    if constexpr (fast_elem_dstate(N)) return ssu_fast<ST, IT, N, KV, true, SR>;
     return nullptr;
   }
-  return ssu_fast<ST, IT, N, KV, false>;
+  return ssu_fast<ST, IT, N, KV, false, SR>;
+}
+
+// Stochastic rounding (a seed with a 16-bit float state) has instances of its own; a seed
+// with any other state dtype is refused before it gets here and would be ignored.
+template <DType ST, DType IT, int N, int KV>
+FastKernel fast_kernel_kv(const Params& p, const Plan& pl) {
+  if constexpr (ST == DType::BF16 || ST == DType::F16)
+    if (p.has_seed) return fast_kernel_sr<ST, IT, N, KV, true>(p, pl);
+  return fast_kernel_sr<ST, IT, N, KV, false>(p, pl);
 }
 
 template <DType ST, DType IT, int N>

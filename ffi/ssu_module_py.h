@@ -33,8 +33,9 @@ inline nanobind::dict contract_dict() {
 inline std::tuple<std::string, std::string> plan_py(
     int64_t S, int64_t H, int64_t P, int64_t N, int64_t nb, int64_t T, int64_t rows,
     const std::string& state_dtype, bool varlen, bool has_inter, int64_t I, int64_t CS,
-    int64_t cache_steps, const std::string& algorithm, int sms, int smem_optin) {
+    int64_t cache_steps, const std::string& algorithm, int sms, int smem_optin, bool has_seed) {
   Params p{};
+  p.has_seed = has_seed;  // stochastic rounding (rand_seed given)
   p.S = S;
   p.H = H;
   p.P = P;
@@ -72,6 +73,6 @@ inline void def_module_functions(nanobind::module_& m) {
   m.def("plan", &plan_py, nb::arg("S"), nb::arg("H"), nb::arg("P"), nb::arg("N"), nb::arg("nb"),
         nb::arg("T"), nb::arg("rows"), nb::arg("state_dtype"), nb::arg("varlen"),
         nb::arg("has_inter"), nb::arg("I"), nb::arg("CS"), nb::arg("cache_steps"),
-        nb::arg("algorithm"), nb::arg("sms"), nb::arg("smem_optin"));
+        nb::arg("algorithm"), nb::arg("sms"), nb::arg("smem_optin"), nb::arg("has_seed") = false);
 }
 }  // namespace ssu

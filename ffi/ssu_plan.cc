@@ -85,13 +85,12 @@ void fast_divisor(int64_t d, uint32_t* mul, int* shr) {
 // 1-D or no indices, no intermediate buffer, no num_accepted_tokens, per-head or (dstate 16)
 // per-element parameters. Several steps (ssu_fast_mtp): no varlen, per-head parameters, every
 // index form, intermediate buffers, num_accepted_tokens. Both: float32 / bfloat16 /
-// float16 states without stochastic rounding and int16 block-scaled ones, a dstate they are
+// float16 states (stochastic rounding too) and int16 block-scaled ones, a dstate they are
 // instantiated for, and sizes whose offsets fit their 32-bit arithmetic and grid (entries and heads
 // on the grid's z / y axes).
 bool fast_plan(const Params& p, const DeviceInfo& di, Plan* pl) {
   if (!fast_enabled()) return false;
   if (p.varlen || p.T < 1 || p.nb < 1) return false;
-  if (p.has_seed && p.state_t != DType::F32) return false;  // stochastic rounding
   const bool mtp = p.T > 1;
   const bool elem = p.dt_elem || p.A_elem || p.D_elem || p.bias_elem;
   const int64_t H = p.H, P = p.P, N = p.N, G = p.G > 0 ? p.G : 1;

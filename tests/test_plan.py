@@ -18,11 +18,12 @@ SMS, OPTIN = NOMINAL_DEVICE
 
 
 def plan(algorithm="auto", S=64, H=80, P=64, N=128, nb=64, T=1, rows=None, dtype="bfloat16",
-         varlen=False, inter=None, cache_steps=0, sms=SMS, optin=OPTIN):
+         varlen=False, inter=None, cache_steps=0, sms=SMS, optin=OPTIN, seed=False):
     I, CS = inter or (0, 0)
     return _cpu.plan(S=S, H=H, P=P, N=N, nb=nb, T=T, rows=nb * T if rows is None else rows,
                      state_dtype=dtype, varlen=varlen, has_inter=inter is not None, I=I, CS=CS,
-                     cache_steps=cache_steps, algorithm=algorithm, sms=sms, smem_optin=optin)
+                     cache_steps=cache_steps, algorithm=algorithm, sms=sms, smem_optin=optin,
+                     has_seed=seed)
 
 
 CHOICES = [  # (problem, kernel with the fast path on[, kernel with it off when different])
@@ -39,6 +40,15 @@ CHOICES = [  # (problem, kernel with the fast path on[, kernel with it off when 
     (dict(T=4, N=48), "ssu_simple"),                          # ... not for a dstate it lacks
     (dict(T=4, N=8), "ssu_simple"),
     (dict(T=4, dtype="int16"), "ssu_fast_mtp", "ssu_simple"), # ... and int16 states
+    # stochastic rounding (rand_seed): the fast path's SR instances, STP and MTP
+    (dict(seed=True), "ssu_fast", "ssu_simple_step1"),
+    (dict(seed=True, dtype="float16"), "ssu_fast", "ssu_simple_step1"),
+    (dict(seed=True, nb=1), "ssu_fast", "ssu_simple"),
+    (dict(seed=True, N=16, dtype="float16"), "ssu_fast", "ssu_simple_step1"),
+    (dict(seed=True, T=4), "ssu_fast_mtp", "ssu_simple"),
+    (dict(seed=True, T=4, dtype="float16", inter=(64, 4)), "ssu_fast_mtp", "ssu_simple"),
+    (dict(seed=True, inter=(64, 1)), "ssu_simple_step1"),    # STP with a buffer: as without SR
+    (dict(seed=True, N=48), "ssu_simple"),                    # a dstate the fast path lacks
     (dict(varlen=True, nb=8, T=0, rows=20), "ssu_simple"),
     (dict(N=12), "ssu_generic"),                              # not whole 16-byte vectors
     (dict(N=2048), "ssu_generic"),                            # more than a warp of vectors
