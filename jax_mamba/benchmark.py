@@ -325,6 +325,10 @@ def profile_child(spec):
 
 
 def git_commit():
+    """The code's commit: JAX_MAMBA_GIT_COMMIT when set (scripts/export_clean.sh's tree has no
+    .git of its own), else the checkout's HEAD."""
+    if os.environ.get("JAX_MAMBA_GIT_COMMIT"):
+        return os.environ["JAX_MAMBA_GIT_COMMIT"]
     try:
         return subprocess.run(["git", "-C", os.path.dirname(os.path.abspath(__file__)),
                                "rev-parse", "HEAD"], capture_output=True, text=True,

@@ -1,16 +1,14 @@
 #!/usr/bin/env bash
 # Kernel iteration in one device call: build (sm_90a), ptxas summary of the fast path, the GPU
 # correctness subset, then scripts/fast_harness.py per variant (one process each: the variant
-# switches are read once per process). KEEP="file ..." restores every other modified tracked
-# file to HEAD first (the device gets a copy of a working tree others are editing). NCU="case ..."
-# and CLI="case ..." add an ncu pass and the benchmark CLI (below).
+# switches are read once per process). Run it in the tree scripts/export_clean.sh exports (the
+# committed HEAD, carried as build/clean): the device's .git may be older than the checkout, so
+# restoring files from its HEAD is not safe. NCU="case ..." and CLI="case ..." add an ncu pass
+# and the benchmark CLI (below).
 set -uo pipefail
 OUT=${OUT:-gpu_out}; mkdir -p "$OUT"
-if [ -n "${KEEP:-}" ]; then
-  for f in $(git diff --name-only HEAD); do
-    [[ " $KEEP " == *" $f "* ]] || git checkout -q HEAD -- "$f"
-  done
-fi
+[ -f .export_commit ] && export JAX_MAMBA_GIT_COMMIT=$(cat .export_commit)
+echo "code: ${JAX_MAMBA_GIT_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null) (working tree)}"
 export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
 # The fast path is the default (ffi/ssu_plan.cc); a variant with JAX_MAMBA_CUDA_FAST=0 times the
 # fallback kernels.

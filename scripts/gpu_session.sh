@@ -60,7 +60,11 @@ stage() {  # name, wanted timeout (s), command...: output appended to $LOG under
 PYTEST=(python -m pytest -q -rf --tb=short -p no:cacheprovider)
 export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
 summary "card: $(nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,driver_version --format=csv,noheader 2>&1 | head -1)"
-summary "commit: $(git rev-parse --short HEAD 2>/dev/null) $(git status --short 2>/dev/null | wc -l) files changed"
+if [ -f .export_commit ]; then  # a tree from scripts/export_clean.sh: the device's .git may be older
+  export JAX_MAMBA_GIT_COMMIT=$(cat .export_commit); summary "commit: $JAX_MAMBA_GIT_COMMIT (exported tree)"
+else
+  summary "commit: $(git rev-parse --short HEAD 2>/dev/null) $(git status --short 2>/dev/null | wc -l) files changed"
+fi
 
 BDIR=build/gpu
 if has build; then

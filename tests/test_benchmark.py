@@ -120,6 +120,14 @@ def test_main_writes_json(tmp_path):
     assert d["rows"][0]["speedup"] is None or d["rows"][0]["speedup"] > 0
 
 
+def test_git_commit_of_an_exported_tree(monkeypatch):
+    """scripts/export_clean.sh's tree has no .git: the header takes JAX_MAMBA_GIT_COMMIT."""
+    monkeypatch.setenv("JAX_MAMBA_GIT_COMMIT", "0123abcd")
+    assert benchmark.git_commit() == "0123abcd"
+    monkeypatch.delenv("JAX_MAMBA_GIT_COMMIT")
+    assert benchmark.git_commit() != "0123abcd"
+
+
 _NCU_COLUMNS = ('"ID","Process ID","Process Name","Host Name","Kernel Name","Context","Stream",'
                 '"Block Size","Grid Size","Device","CC","Section Name","Metric Name",'
                 '"Metric Unit","Metric Value"')
