@@ -309,16 +309,18 @@ __global__ void __launch_bounds__(256) ssu_fast(const Params p, const Launch l) 
 namespace ssu {
 namespace cuda {
 
-// ---- Multi-token steps (MTP, T >= 2, not varlen) on the same layout ----
+// ---- Multi-token steps (MTP, T >= 2) and varlen on the same layout ----
 //
-// ssu_fast_mtp<ST, IT, N, KV, SR>: per-head parameters only (Mamba-2); float states, with
-// stochastic rounding (SR) or without, and int16 block-scaled states. A CTA is (row chunk, head,
-// entry) as above; the entry is resolved once per thread by resolve_entry (ssu_params.h: 2-D
-// indices, num_accepted_tokens, dst, the intermediate row, cache_steps and every validity rule,
-// uniform over the CTA). The thread's KV rows stay in fp32 registers across the T steps and are
-// rounded only when stored. Step t + 1's inputs (x, z, dt, B/C slices and, with 2-D dst, its write
-// slot) are loaded before step t is computed, so each step's loads fly under the previous
-// step's math. After step t: the row's state to intermediate[ii, t] (when the entry has an
+// ssu_fast_mtp<ST, IT, N, KV, SR, VL>, VL = true for varlen (cu_seqlens; instantiated for dstate
+// 64 / 128 and float32 / bfloat16 inputs: fast_varlen_dstate / fast_varlen_input; VL defaults to
+// false, so the other instances are the kernels they were): per-head parameters only (Mamba-2);
+// float states, with stochastic rounding (SR) or without, and int16 block-scaled states. A CTA is
+// (row chunk, head, entry) as above; the entry is resolved once per thread by resolve_entry
+// (ssu_params.h: 2-D indices, num_accepted_tokens, dst, the intermediate row, cache_steps and every
+// validity rule, uniform over the CTA). The thread's KV rows stay in fp32 registers across the T
+// steps and are rounded only when stored. Step t + 1's inputs (x, z, dt, B/C slices and, with 2-D
+// dst, its write slot) are loaded before step t is computed, so each step's loads fly under the
+// previous step's math. After step t: the row's state to intermediate[ii, t] (when the entry has an
 // intermediate row) and to the step's dst slot (state_write_slot), both streaming stores.
 
 // The inputs of one step for this thread: dt bits, the B / C slices, x and z of its rows, and
@@ -331,7 +333,66 @@ struct MtpStep {
   int64_t wslot;
 };
 
-template <DType ST, DType IT, int N, int KV, bool SR>
+// Varlen (VL): the grid's z axis has one more slice, nb, whose CTA (row chunk, head) zeroes the
+// rows of out no sequence owns (varlen_zero_fill). A sequence CTA resolves its entry as above
+// (resolve_entry: its span cu[b] .. cu[b+1], its bounds, every index rule), issues its state
+// loads, and only then learns from its warp whether its rows intersect another sequence's
+// (warp_seq_overlaps: the warp's lanes split the nb sequences, one shuffle reduction); an
+// overlapped sequence is invalid (NaN over its rows, nothing written), like one with wrong
+// bounds. The tokens of a sequence are a runtime loop, as T is above.
+
+// Whether the rows sequence b owns (bounds already checked, span [a, z) non-empty) intersect
+// another sequence's: seq_overlaps (ssu_params.h) with the nb sequences split over the warp's
+// lanes. Every lane of the warp calls it (a shuffle reduction).
+__device__ __forceinline__ bool warp_seq_overlaps(const Params& p, int b) {
+  const SeqSpan q = seq_span(p, b);
+  bool mine = false;
+  for (int64_t t = int64_t(threadIdx.x % 32u); t < p.nb && !mine; t += 32)
+    mine = t != b && spans_intersect(q, seq_span(p, t));
+  return group_max<32>(mine ? 1.f : 0.f, 32) > 0.f;
+}
+
+// The zero slice (blockIdx.z == nb) of a varlen grid: CTA (row chunk x, head h) writes 0 to the
+// rows of out no sequence owns (docs/semantics.md, "Invalid runtime data"), in its head and row
+// chunk. With cu_seqlens non-decreasing (each warp checks, one shuffle reduction) they are
+// [0, cu[0]) and [cu[nb], rows); otherwise (invalid input) each row's owner is looked up, a
+// warp per row.
+template <DType IT>
+__device__ __forceinline__ void varlen_zero_fill(const Params& p, const Launch& l) {
+  const int h = int(blockIdx.y), H = int(p.H), P = int(p.P);
+  const int pc0 = int(blockIdx.x) * l.rows_cta;
+  const int width = (pc0 + l.rows_cta < P ? pc0 + l.rows_cta : P) - pc0;
+  const int lane = int(threadIdx.x % 32u), warp = int(threadIdx.x / 32u);
+  const int warps = int(blockDim.x / 32u);
+  bool dec = false;
+  for (int64_t t = lane; t < p.nb && !dec; t += 32)
+    dec = load_index(p.cu_seqlens, p.cu_seqlens64, t) >
+          load_index(p.cu_seqlens, p.cu_seqlens64, t + 1);
+  const bool mono = !(group_max<32>(dec ? 1.f : 0.f, 32) > 0.f);
+  if (mono) {
+    const int64_t lo = clamp_rows(load_index(p.cu_seqlens, p.cu_seqlens64, 0), p.rows);
+    int64_t hi = clamp_rows(load_index(p.cu_seqlens, p.cu_seqlens64, p.nb), p.rows);
+    if (hi < lo) hi = lo;
+    const int n1 = int(lo), n = n1 + int(p.rows - hi);  // rows to zero: [0, lo), [hi, rows)
+    for (int i = int(threadIdx.x); i < n * width; i += int(blockDim.x)) {
+      const int j = i / width, r = j < n1 ? j : int(hi) + (j - n1);
+      st_out<IT>(p.out, (r * H + h) * P + pc0 + i % width, 0.f);
+    }
+    return;
+  }
+  for (int r = warp; r < int(p.rows); r += warps) {
+    bool owned = false;
+    for (int64_t s = lane; s < p.nb && !owned; s += 32) {
+      const SeqSpan q = seq_span(p, s);
+      owned = r >= q.lo && r < q.hi;
+    }
+    if (group_max<32>(owned ? 1.f : 0.f, 32) > 0.f) continue;
+    for (int i = lane; i < width; i += 32)
+      st_out<IT>(p.out, (r * H + h) * P + pc0 + i, 0.f);
+  }
+}
+
+template <DType ST, DType IT, int N, int KV, bool SR, bool VL = false>
 __global__ void __launch_bounds__(256) ssu_fast_mtp(const Params p, const Launch l) {
   static_assert(!SR || ST == DType::BF16 || ST == DType::F16, "stochastic rounding: 16-bit floats");
   using SW = typename Stor<ST>::type;
@@ -351,6 +412,12 @@ __global__ void __launch_bounds__(256) ssu_fast_mtp(const Params p, const Launch
   grid_dependency_wait();
   grid_dependents_launch();
 
+  if constexpr (VL) {
+    if (b == int(p.nb)) {  // the zero slice
+      varlen_zero_fill<IT>(p, l);
+      return;
+    }
+  }
   const float A_h = __ldg(p.A + h);
   const uint32_t k0 = SR ? __ldg(p.seed) : 0u, k1 = SR ? __ldg(p.seed + 1) : 0u;  // Philox key
   const uint32_t w_bias = p.has_dt_bias ? ld_w_raw(p.dt_bias, pt, h) : 0u;
@@ -402,6 +469,16 @@ __global__ void __launch_bounds__(256) ssu_fast_mtp(const Params p, const Launch
                       : make_uint4(0u, 0u, 0u, 0u);
   Step cur;
   load_step(0, cur);
+  if constexpr (VL) {  // rows shared with another sequence: invalid (uniform over the CTA)
+    if (warp_seq_overlaps(p, b)) {
+      if (lane == 0)
+        for (int r = row0; r < row0 + len; ++r)
+#pragma unroll
+          for (int k = 0; k < KV; ++k)
+            if (on(k)) st_out<IT>(p.out, (r * H + h) * P + row(k), __int_as_float(0x7fc00000));
+      return;
+    }
+  }
   const float bias_h = p.has_dt_bias ? w_value(w_bias, pt) : 0.f;
   const float D_h = p.has_D ? w_value(w_D, pt) : 0.f;
   constexpr bool Q = ST == DType::I16;
@@ -513,14 +590,19 @@ __global__ void __launch_bounds__(256) ssu_fast_mtp(const Params p, const Launch
   }
 }
 
-// The fast-path instance that runs plan pl (kernel kFast / kFastMtp, pl.nv rows per thread) of
-// p, nullptr when none does. One selection for the CUDA launcher (ssu_cuda_launch.cuh) and the
-// host emulation (ssu_cuda_emu.cc).
+// The fast-path instance that runs plan pl (kernel kFast / kFastMtp, varlen included, pl.nv rows
+// per thread) of p, nullptr when none does. One selection for the CUDA launcher
+// (ssu_cuda_launch.cuh) and the host emulation (ssu_cuda_emu.cc).
 using FastKernel = void (*)(const Params, const Launch);
 
 template <DType ST, DType IT, int N, int KV, bool SR>
 FastKernel fast_kernel_sr(const Params& p, const Plan& pl) {
-  if (pl.kernel == Kernel::kFastMtp) return ssu_fast_mtp<ST, IT, N, KV, SR>;
+  if (pl.kernel == Kernel::kFastMtp) {
+    if (!p.varlen) return ssu_fast_mtp<ST, IT, N, KV, SR>;
+    if constexpr (fast_varlen_dstate(N) && fast_varlen_input(IT))
+      return ssu_fast_mtp<ST, IT, N, KV, SR, true>;  // varlen: grid z = sequences + 1
+    return nullptr;
+  }
   if (p.dt_elem || p.A_elem || p.D_elem || p.bias_elem) {
     if constexpr (fast_elem_dstate(N)) return ssu_fast<ST, IT, N, KV, true, SR>;
     return nullptr;

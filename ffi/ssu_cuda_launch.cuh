@@ -62,15 +62,17 @@ cudaError_t launch_rows(const Params& p, const Plan& pl, dim3 grid, dim3 block,
   }
 }
 
-// The fast path: grid (row chunks, heads, entries); the instance fast_kernel picks for the
-// call's dstate, rows per thread, steps and parameter layout; programmatic dependent launch
-// when the plan asks.
+// The fast path: grid (row chunks, heads, entries [+ varlen's zero slice]); the instance
+// fast_kernel picks for the call's dstate, rows per thread, steps and parameter layout;
+// programmatic dependent launch when the plan asks.
 template <DType ST, DType IT>
 cudaError_t launch_fast(const Params& p, const Plan& pl, cudaStream_t stream) {
   const FastKernel kernel = fast_kernel<ST, IT>(p, pl);
   if (kernel == nullptr) return cudaErrorInvalidConfiguration;
   cudaLaunchConfig_t cfg = {};
-  cfg.gridDim = dim3(unsigned(pl.l.chunks), unsigned(p.H), unsigned(p.nb));
+  // varlen: one more z slice, the CTAs that zero the rows no sequence owns
+  const bool vl = pl.kernel == Kernel::kFastMtp && p.varlen;
+  cfg.gridDim = dim3(unsigned(pl.l.chunks), unsigned(p.H), unsigned(p.nb + (vl ? 1 : 0)));
   cfg.blockDim = dim3(unsigned(pl.threads));
   cfg.dynamicSmemBytes = 0;
   cfg.stream = stream;

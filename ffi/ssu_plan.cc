@@ -84,26 +84,31 @@ void fast_divisor(int64_t d, uint32_t* mul, int* shr) {
 // The fast path (ssu_cuda_fast.cuh) for p, when it covers p. One step (ssu_fast): no varlen,
 // 1-D or no indices, no intermediate buffer, no num_accepted_tokens, per-head or (dstate 16)
 // per-element parameters. Several steps (ssu_fast_mtp): no varlen, per-head parameters, every
-// index form, intermediate buffers, num_accepted_tokens. Both: float32 / bfloat16 /
-// float16 states (stochastic rounding too) and int16 block-scaled ones, a dstate they are
-// instantiated for, and sizes whose offsets fit their 32-bit arithmetic and grid (entries and heads
-// on the grid's z / y axes).
+// index form, intermediate buffers, num_accepted_tokens; varlen too (its VL instances): as several
+// steps, for dstate 64 / 128 and float32 / bfloat16 inputs, as many sequences as the grid's z
+// axis holds with its zero slice (nb + 1 <= 65535), sequences of any length. All: float32 /
+// bfloat16 / float16 states (stochastic rounding too) and int16 block-scaled ones, a dstate they
+// are instantiated for, and sizes whose offsets fit their 32-bit arithmetic and grid (entries and
+// heads on the grid's z / y axes).
 bool fast_plan(const Params& p, const DeviceInfo& di, Plan* pl) {
   if (!fast_enabled()) return false;
-  if (p.varlen || p.T < 1 || p.nb < 1) return false;
-  const bool mtp = p.T > 1;
+  if (p.nb < 1 || (!p.varlen && p.T < 1)) return false;
+  const bool mtp = p.varlen || p.T > 1;
   const bool elem = p.dt_elem || p.A_elem || p.D_elem || p.bias_elem;
   const int64_t H = p.H, P = p.P, N = p.N, G = p.G > 0 ? p.G : 1;
   if (!fast_dstate(N)) return false;
   if (mtp) {
     if (elem || !fast_mtp_enabled()) return false;
+    if (p.varlen && !(fast_varlen_dstate(N) && fast_varlen_input(p.input_t))) return false;
   } else {
     if (p.has_inter || p.src_2d || p.dst_2d || p.has_num_accepted) return false;
     if (elem && !fast_elem_dstate(N)) return false;
   }
   constexpr int64_t kMax = int64_t(INT32_MAX);
-  if (p.nb > 65535 || H > 65535 || H * P * N >= kMax || p.nb * p.T * H * P >= kMax ||
-      p.nb * p.T * G * N >= kMax)
+  // token rows of x / out / B / C (varlen: `rows`); varlen's grid has one more z slice (zeros)
+  const int64_t tokens = p.varlen ? p.rows : p.nb * p.T;
+  if (p.nb + (p.varlen ? 1 : 0) > 65535 || H > 65535 || H * P * N >= kMax ||
+      tokens * H * P >= kMax || tokens * G * N >= kMax)
     return false;
   const int E = p.state_t == DType::F32 ? 4 : 8;  // int16: 8, like the 16-bit floats
   const int64_t vpr = N / E, lpr = std::min<int64_t>(vpr, 32), vpl = vpr / lpr;

@@ -54,6 +54,10 @@ constexpr bool fast_dstate(int64_t N) {
 }
 // Per-element parameters (Mamba-1) are instantiated for these dstates only.
 constexpr bool fast_elem_dstate(int64_t N) { return N == 16; }
+// Varlen on the fast path (ssu_fast_mtp<..., VL = true>) is instantiated for these dstates and
+// input dtypes only.
+constexpr bool fast_varlen_dstate(int64_t N) { return N == 64 || N == 128; }
+constexpr bool fast_varlen_input(DType t) { return t == DType::F32 || t == DType::BF16; }
 
 // Vertical kernel (ssu_cuda_vertical.cuh): shared-memory ring depth, most threads per CTA, and
 // the bytes of one stage of `tile_rows` state rows of N elements (128-byte aligned stages).

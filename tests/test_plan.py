@@ -49,7 +49,18 @@ CHOICES = [  # (problem, kernel with the fast path on[, kernel with it off when 
     (dict(seed=True, T=4, dtype="float16", inter=(64, 4)), "ssu_fast_mtp", "ssu_simple"),
     (dict(seed=True, inter=(64, 1)), "ssu_simple_step1"),    # STP with a buffer: as without SR
     (dict(seed=True, N=48), "ssu_simple"),                    # a dstate the fast path lacks
-    (dict(varlen=True, nb=8, T=0, rows=20), "ssu_simple"),
+    # varlen (cu_seqlens): ssu_fast_mtp's varlen instances, dstate 64 / 128 (float32 inputs here)
+    (dict(varlen=True, nb=8, T=0, rows=20), "ssu_fast_mtp", "ssu_simple"),
+    (dict(varlen=True, nb=8, T=0, rows=20, N=64, dtype="float32"), "ssu_fast_mtp", "ssu_simple"),
+    (dict(varlen=True, nb=8, T=0, rows=20, dtype="int16", inter=(10, 4)), "ssu_fast_mtp",
+     "ssu_simple"),
+    (dict(varlen=True, nb=8, T=0, rows=20, seed=True, dtype="float16"), "ssu_fast_mtp",
+     "ssu_simple"),
+    (dict(varlen=True, nb=1, T=0, rows=1), "ssu_fast_mtp", "ssu_simple"),  # one token
+    (dict(varlen=True, nb=8, T=0, rows=20, N=32), "ssu_simple"),   # a dstate it is not built for
+    (dict(varlen=True, nb=8, T=0, rows=20, N=256), "ssu_simple"),
+    (dict(varlen=True, nb=65534, S=70000, T=0, rows=70000), "ssu_fast_mtp", "ssu_simple"),
+    (dict(varlen=True, nb=65535, S=70000, T=0, rows=70000), "ssu_simple"),  # + the zero slice: > z
     (dict(N=12), "ssu_generic"),                              # not whole 16-byte vectors
     (dict(N=2048), "ssu_generic"),                            # more than a warp of vectors
     (dict(algorithm="simple"), "ssu_fast", "ssu_simple_step1"),
@@ -108,6 +119,7 @@ def test_fast_path_is_on_by_default():
         pytest.skip("JAX_MAMBA_CUDA_FAST is set in this environment")
     assert plan() == ("ssu_fast", "")
     assert plan(T=4) == ("ssu_fast_mtp", "")
+    assert plan(varlen=True, nb=8, T=0, rows=20) == ("ssu_fast_mtp", "")
 
 
 @pytest.mark.parametrize("kw,words", [
