@@ -104,6 +104,32 @@ def _sr_run(tmp_path, name, env, code=SR_CASES):
     return dict(np.load(path))
 
 
+def _compare_with_cpu(emu, plain, rows, check_out):
+    """One emulated run (`rows` per thread, '' as planned) against the CPU handler's: every case
+    emulated exactly once (and the CPU run not at all), `check_out(label, emulated, cpu)` on each
+    output (label: its key and `rows`), and every other stored array (states, intermediates,
+    scales) equal bit for bit."""
+    assert set(emu) == set(plain)
+    wrong = []
+    for k in sorted(emu):
+        if k.endswith("-calls"):
+            assert emu[k] == 1, f"{k} (rows {rows or 'planned'}): expected 1 emulated call, got {emu[k]}"
+            assert plain[k] == 0, f"{k}: the CPU run was emulated"
+        elif k.endswith("-out"):
+            check_out(f"{k} (rows {rows or 'planned'})", emu[k], plain[k])
+        else:
+            bad = emu[k] != plain[k]
+            if bad.any():
+                wrong.append(f"{k}: {bad.sum()} of {bad.size} differ, first at "
+                             f"{tuple(int(i) for i in np.argwhere(bad)[0])}")
+    assert not wrong, (f"rows {rows or 'planned'}: stored values differ from the CPU "
+                       f"handler's: " + "; ".join(wrong))
+
+
+def _sr_out_close(label, a, b):  # the row sums' order differs (lane shuffles)
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5, err_msg=label)
+
+
 def test_stochastic_rounding_on_the_emulated_fast_path(tmp_path):
     """Stochastic rounding (bfloat16 / float16 states, STP with and without per-element
     parameters, MTP with an intermediate buffer and with 2-D indices writing every step) through
@@ -114,21 +140,7 @@ def test_stochastic_rounding_on_the_emulated_fast_path(tmp_path):
     for rows in ("", "2", "4"):
         env = dict(ENV, JAX_MAMBA_CUDA_ROWS=rows, JAX_MAMBA_CUDA_THREADS="32" if rows else "")
         emu = _sr_run(tmp_path, f"emu{rows}", env)
-        assert set(emu) == set(plain)
-        wrong = []
-        for k in sorted(emu):
-            if k.endswith("-calls"):
-                assert emu[k] == 1, f"{k} (rows {rows or 'planned'}): expected 1 emulated call, got {emu[k]}"
-                assert plain[k] == 0, f"{k}: the CPU run was emulated"
-            elif k.endswith("-out"):  # the row sums' order differs (lane shuffles)
-                np.testing.assert_allclose(emu[k], plain[k], rtol=1e-5, atol=1e-5, err_msg=k)
-            else:
-                bad = emu[k] != plain[k]
-                if bad.any():
-                    wrong.append(f"{k}: {bad.sum()} of {bad.size} differ, first at "
-                                 f"{tuple(int(i) for i in np.argwhere(bad)[0])}")
-        assert not wrong, (f"rows {rows or 'planned'}: stored values differ from the CPU "
-                           f"handler's: " + "; ".join(wrong))
+        _compare_with_cpu(emu, plain, rows, _sr_out_close)
 
 
 VARLEN_CASES = r"""
@@ -215,6 +227,14 @@ np.savez(sys.argv[1], **res)
 """
 
 
+def _varlen_out_matches(label, a, b):
+    assert (np.isnan(a) == np.isnan(b)).all(), f"{label}: NaN rows differ"
+    assert ((a == 0) == (b == 0)).all(), f"{label}: zero rows differ"
+    assert not (a == 7777.0).any(), f"{label}: rows of out left unwritten"
+    tol = 1e-5 if "-float32-" in label else 8e-3  # a 16-bit out may round one ulp apart
+    np.testing.assert_allclose(a, b, rtol=tol, atol=1e-5, err_msg=label)
+
+
 def test_varlen_on_the_emulated_fast_path(tmp_path):
     """Varlen (cu_seqlens) through the emulated ssu_fast_mtp<..., VL = true>, for every state
     dtype (float32, bfloat16, float16, int16 with its scales), float32 and bfloat16 inputs, dstate
@@ -232,26 +252,7 @@ def test_varlen_on_the_emulated_fast_path(tmp_path):
     for rows in ("", "2", "4"):
         env = dict(ENV, JAX_MAMBA_CUDA_ROWS=rows, JAX_MAMBA_CUDA_THREADS="32" if rows else "")
         emu = _sr_run(tmp_path, f"emu{rows}", env, VARLEN_CASES)
-        assert set(emu) == set(plain)
-        wrong = []
-        for k in sorted(emu):
-            if k.endswith("-calls"):
-                assert emu[k] == 1, f"{k} (rows {rows or 'planned'}): expected 1 emulated call, got {emu[k]}"
-                assert plain[k] == 0, f"{k}: the CPU run was emulated"
-            elif k.endswith("-out"):
-                a, b = emu[k], plain[k]
-                assert (np.isnan(a) == np.isnan(b)).all(), f"{k} (rows {rows}): NaN rows differ"
-                assert ((a == 0) == (b == 0)).all(), f"{k} (rows {rows}): zero rows differ"
-                assert not (a == 7777.0).any(), f"{k} (rows {rows}): rows of out left unwritten"
-                tol = 1e-5 if "-float32-" in k else 8e-3  # a 16-bit out may round one ulp apart
-                np.testing.assert_allclose(a, b, rtol=tol, atol=1e-5, err_msg=f"{k} rows {rows}")
-            else:
-                bad = emu[k] != plain[k]
-                if bad.any():
-                    wrong.append(f"{k}: {bad.sum()} of {bad.size} differ, first at "
-                                 f"{tuple(int(i) for i in np.argwhere(bad)[0])}")
-        assert not wrong, (f"rows {rows or 'planned'}: stored values differ from the CPU "
-                           f"handler's: " + "; ".join(wrong))
+        _compare_with_cpu(emu, plain, rows, _varlen_out_matches)
     # the cases reach what they are for
     assert np.isnan(plain["float32-float32-invalid-out"]).any()
     assert np.isnan(plain["float32-float32-bad_cu-out"]).any()
