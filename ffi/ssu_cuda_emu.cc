@@ -116,8 +116,7 @@ std::atomic<long long> g_calls{0};
 // the same (CTA, warp). Early returns are uniform over a CTA in these kernels (an entry's
 // validity), so every lane performs the same shuffles.
 void launch(const Params& p, const cuda::Plan& pl, cuda::FastKernel kernel) {
-  const unsigned gx = unsigned(pl.l.chunks), gy = unsigned(p.H);
-  const unsigned gz = unsigned(p.nb) + (p.varlen ? 1u : 0u);  // varlen: the zero slice
+  const unsigned gx = unsigned(pl.l.chunks), gy = unsigned(p.H), gz = unsigned(pl.slices);
   const unsigned warps = unsigned(pl.threads) / 32;
   Warp warp;
   auto lane_main = [&](unsigned l) {

@@ -70,9 +70,7 @@ cudaError_t launch_fast(const Params& p, const Plan& pl, cudaStream_t stream) {
   const FastKernel kernel = fast_kernel<ST, IT>(p, pl);
   if (kernel == nullptr) return cudaErrorInvalidConfiguration;
   cudaLaunchConfig_t cfg = {};
-  // varlen: one more z slice, the CTAs that zero the rows no sequence owns
-  const bool vl = pl.kernel == Kernel::kFastMtp && p.varlen;
-  cfg.gridDim = dim3(unsigned(pl.l.chunks), unsigned(p.H), unsigned(p.nb + (vl ? 1 : 0)));
+  cfg.gridDim = dim3(unsigned(pl.l.chunks), unsigned(p.H), unsigned(pl.slices));
   cfg.blockDim = dim3(unsigned(pl.threads));
   cfg.dynamicSmemBytes = 0;
   cfg.stream = stream;

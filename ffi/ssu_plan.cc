@@ -107,8 +107,9 @@ bool fast_plan(const Params& p, const DeviceInfo& di, Plan* pl) {
   constexpr int64_t kMax = int64_t(INT32_MAX);
   // token rows of x / out / B / C (varlen: `rows`); varlen's grid has one more z slice (zeros)
   const int64_t tokens = p.varlen ? p.rows : p.nb * p.T;
-  if (p.nb + (p.varlen ? 1 : 0) > 65535 || H > 65535 || H * P * N >= kMax ||
-      tokens * H * P >= kMax || tokens * G * N >= kMax)
+  const int64_t slices = p.nb + (p.varlen ? 1 : 0);
+  if (slices > 65535 || H > 65535 || H * P * N >= kMax || tokens * H * P >= kMax ||
+      tokens * G * N >= kMax)
     return false;
   const int E = p.state_t == DType::F32 ? 4 : 8;  // int16: 8, like the 16-bit floats
   const int64_t vpr = N / E, lpr = std::min<int64_t>(vpr, 32), vpl = vpr / lpr;
@@ -133,6 +134,7 @@ bool fast_plan(const Params& p, const DeviceInfo& di, Plan* pl) {
   pl->threads = threads;
   pl->smem = 0;
   pl->pdl = pdl_enabled();
+  pl->slices = int(slices);
   Launch& l = pl->l;
   l.lshift = log2i(int(lpr));
   l.R = kv;

@@ -76,6 +76,7 @@ struct Plan {
   bool persistent = false;  // grid = resident CTAs, each looping over l.main_blocks items
   bool pdl = false;         // fast path: launched with programmatic stream serialization
   int sms = 0;              // multiprocessors of the device (persistent grids)
+  int slices = 0;           // fast path: the grid's z extent (entries, + varlen's zero slice)
   Launch l{};
 };
 
