@@ -1,0 +1,150 @@
+"""Where a chained call's time goes: the benchmark's jitted chain (jax_mamba.benchmark: K donated
+calls, each on its own slots and inputs, after an L2 flush) run under jax.profiler, and the
+device timeline read back from the trace (CUPTI, no nsys needed). Per case it prints
+
+  - the kernels of one chain by name (count, median µs): anything that is not an ssu_ kernel
+    (copies, fusions) is work the chain does beside ours;
+  - the median ssu_ kernel time, the median gap between one kernel's end and the next one's
+    start, and the chain's span / K (what the benchmark's per-call figure should approach);
+  - the host's wall time of the same runs, and the host events that took the most of it
+    (command-buffer updates, the handler's planning), to tell device time from host time.
+
+    python scripts/chain_timeline.py b1-bf16 b64-bf16 [--calls 20] [--runs 3] [--same-slots]
+
+--same-slots passes the same slot arrays to every run (no argument changes address between
+runs), to see whether re-recording a command buffer for new arguments costs per-call time.
+Run one process per XLA_FLAGS setting, e.g. XLA_FLAGS=--xla_gpu_enable_command_buffer= for the
+chain without command buffers.
+"""
+import argparse
+import collections
+import glob
+import os
+import statistics
+import tempfile
+import time
+
+import jax
+import numpy as np
+
+import jax_mamba
+from jax_mamba import _bench_cases as bc
+from jax_mamba import benchmark as bm
+
+
+def events(path):
+    """{plane name: [(line name, event name, start ns, duration ns)]} of one xplane file."""
+    pd = jax.profiler.ProfileData.from_file(path)
+    out = {}
+    for plane in pd.planes:
+        rows = []
+        for line in plane.lines:
+            for ev in line.events:
+                rows.append((line.name, ev.name, ev.start_ns, ev.duration_ns))
+        out[plane.name] = rows
+    return out
+
+
+def chains(kernels, gap_ns=200_000):
+    """Split time-sorted (name, start, dur) kernels into runs separated by > gap_ns idle."""
+    runs, cur, end = [], [], None
+    for k in kernels:
+        if end is not None and k[1] - end > gap_ns:
+            runs.append(cur)
+            cur = []
+        cur.append(k)
+        end = max(end or 0, k[1] + k[2])
+    if cur:
+        runs.append(cur)
+    return runs
+
+
+def profile_case(c, o, device, flush):
+    arr = bm.Arrays(c, o.calls, c.cache_mb or o.cache_mb, device)
+    fn = bm.make_fn(jax_mamba.selective_state_update, c, o.calls, "auto")
+    carry = [arr.carry]
+    fixed = arr.slots(o.calls)
+
+    def once():
+        slots = fixed if o.same_slots else arr.slots(o.calls)
+        flush()
+        t0 = time.perf_counter()
+        res = fn(carry[0], arr.params, arr.inputs, slots)
+        jax.block_until_ready(res)
+        carry[0] = res[0]
+        return time.perf_counter() - t0
+
+    for _ in range(3):
+        once()
+    logdir = tempfile.mkdtemp(prefix="chain_tl_")
+    with jax.profiler.trace(logdir):
+        walls = [once() for _ in range(o.runs)]
+    paths = glob.glob(os.path.join(logdir, "**", "*.xplane.pb"), recursive=True)
+    ev = events(paths[0])
+    return walls, ev
+
+
+def report(c, o, walls, ev):
+    print(f"== {c.name}: K={o.calls}, {o.runs} runs, same slots: {o.same_slots}")
+    print(f"   host wall per run: median {statistics.median(walls) * 1e6:.1f} µs "
+          f"({statistics.median(walls) * 1e6 / o.calls:.2f} µs per call)")
+    dev = [(n, s, d) for p, rows in ev.items() if "GPU" in p or "gpu" in p
+           for (line, n, s, d) in rows if "stream" in line.lower() or "kernel" in line.lower()]
+    if not dev:
+        print("   no device plane in the trace; planes:", list(ev))
+        return
+    dev.sort(key=lambda r: r[1])
+    # keep only one line's view: events repeated on several lines (XLA Ops vs streams) would
+    # double count; stream lines carry the kernels themselves
+    seen, uniq = set(), []
+    for r in dev:
+        if (r[0], r[1]) not in seen:
+            seen.add((r[0], r[1]))
+            uniq.append(r)
+    runs = [r for r in chains(uniq) if any("ssu_" in n for n, _, _ in r)]
+    for i, run in enumerate(runs[-o.runs:]):
+        ssu = [r for r in run if "ssu_" in r[0]]
+        names = collections.Counter(n[:60] for n, _, _ in run)
+        durs = collections.defaultdict(list)
+        for n, _, d in run:
+            durs[n[:60]].append(d / 1e3)
+        gaps = [b[1] - (a[1] + a[2]) for a, b in zip(ssu, ssu[1:])]
+        span = (run[-1][1] + run[-1][2] - run[0][1]) / 1e3
+        print(f"   run {i}: {len(ssu)} ssu kernels, median {statistics.median(r[2] for r in ssu) / 1e3:.2f} µs, "
+              f"gap between ssu kernels median {statistics.median(gaps) / 1e3 if gaps else 0:.2f} µs "
+              f"(max {max(gaps) / 1e3 if gaps else 0:.2f}), span {span:.1f} µs = {span / max(len(ssu), 1):.2f} µs per call")
+        if i == 0:
+            for n, k in names.most_common(8):
+                print(f"      {k:4d} x {statistics.median(durs[n]):8.2f} µs  {n}")
+    host = collections.defaultdict(float)
+    for p, rows in ev.items():
+        if "host" in p.lower() or "CPU" in p:
+            for line, n, s, d in rows:
+                host[n[:70]] += d / 1e3
+    top = sorted(host.items(), key=lambda kv: -kv[1])[:12]
+    print("   host events, total µs over the traced runs:")
+    for n, t in top:
+        print(f"      {t:10.1f}  {n}")
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("cases", nargs="+", choices=list(bc.CASES))
+    ap.add_argument("--calls", type=int, default=20)
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--cache-mb", type=float, default=None)
+    ap.add_argument("--same-slots", action="store_true")
+    o = ap.parse_args()
+    device = jax.devices()[0]
+    d = bm.GPU_DEFAULTS if device.platform != "cpu" else bm.CPU_DEFAULTS
+    o.cache_mb = o.cache_mb or d["cache_mb"]
+    flush = bm.make_flush(device, d.get("flush_mb", 0))
+    print(f"device: {device.device_kind}; XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
+    for name in o.cases:
+        c = bc.CASES[name]
+        walls, ev = profile_case(c, o, device, flush)
+        report(c, o, walls, ev)
+
+
+if __name__ == "__main__":
+    main()
