@@ -2,6 +2,7 @@
 // contract (ssu_ffi.h) as this build compiled it, checked against the Python tables
 // (tests/test_contract.py); plan(), the CUDA planner (ssu_plan.h) on a described problem.
 #pragma once
+#include <stdexcept>
 #include <string>
 #include "nanobind/nanobind.h"
 #include "nanobind/stl/string.h"
@@ -29,13 +30,16 @@ inline nanobind::dict contract_dict() {
   return d;
 }
 
-// (kernel name, "" ) or ("", why not) for a problem described by its canonical sizes.
-inline std::tuple<std::string, std::string> plan_py(
-    int64_t S, int64_t H, int64_t P, int64_t N, int64_t nb, int64_t T, int64_t rows,
-    const std::string& state_dtype, bool varlen, bool has_inter, int64_t I, int64_t CS,
-    int64_t cache_steps, const std::string& algorithm, int sms, int smem_optin, bool has_seed) {
+// The CUDA planner's plan for a problem described by its canonical sizes; false and *why when
+// it has none.
+inline bool plan_sizes(int64_t S, int64_t H, int64_t P, int64_t N, int64_t nb, int64_t T,
+                       int64_t rows, const std::string& state_dtype, bool varlen, bool has_inter,
+                       int64_t I, int64_t CS, int64_t cache_steps, const std::string& algorithm,
+                       int sms, int smem_optin, bool has_seed, bool per_element, cuda::Plan* plan,
+                       std::string* why) {
   Params p{};
-  p.has_seed = has_seed;  // stochastic rounding (rand_seed given)
+  p.has_seed = has_seed;   // stochastic rounding (rand_seed given)
+  p.A_elem = per_element;  // Mamba-1 (per-element A): the planner treats such kinds alike
   p.S = S;
   p.H = H;
   p.P = P;
@@ -54,25 +58,64 @@ inline std::tuple<std::string, std::string> plan_py(
   int t = 0;
   while (t < 4 && types[t] != state_dtype)
     ++t;
-  if (t == 4) return {"", "unsupported state dtype " + state_dtype};
+  if (t == 4) {
+    *why = "unsupported state dtype " + state_dtype;
+    return false;
+  }
   p.state_t = dts[t];
   const int64_t id = parse_algorithm(algorithm);
-  if (id < 0) return {"", unknown_algorithm(algorithm)};
+  if (id < 0) {
+    *why = unknown_algorithm(algorithm);
+    return false;
+  }
   cuda::DeviceInfo di;
   di.sms = sms;
   di.smem_optin = smem_optin;
+  return cuda::make_plan(p, id, di, plan, why);
+}
+
+#define SSU_PLAN_ARGS                                                                            \
+  int64_t S, int64_t H, int64_t P, int64_t N, int64_t nb, int64_t T, int64_t rows,               \
+      const std::string &state_dtype, bool varlen, bool has_inter, int64_t I, int64_t CS,        \
+      int64_t cache_steps, const std::string &algorithm, int sms, int smem_optin, bool has_seed, \
+      bool per_element
+#define SSU_PLAN_PASS                                                                          \
+  S, H, P, N, nb, T, rows, state_dtype, varlen, has_inter, I, CS, cache_steps, algorithm, sms, \
+      smem_optin, has_seed, per_element
+
+// (kernel name, "" ) or ("", why not).
+inline std::tuple<std::string, std::string> plan_py(SSU_PLAN_ARGS) {
   cuda::Plan plan;
   std::string why;
-  if (!cuda::make_plan(p, id, di, &plan, &why)) return {"", why};
+  if (!plan_sizes(SSU_PLAN_PASS, &plan, &why)) return {"", why};
   return {cuda::kernel_name(plan.kernel), ""};
+}
+
+// The plan's launch shape, for tests of the planner's choices: kernel, rows per thread (the
+// register kernels: vectors per lane), threads per CTA, rows per CTA, the fast path's z extent.
+inline nanobind::dict plan_detail_py(SSU_PLAN_ARGS) {
+  cuda::Plan plan;
+  std::string why;
+  if (!plan_sizes(SSU_PLAN_PASS, &plan, &why)) throw std::invalid_argument(why);
+  nanobind::dict d;
+  d["kernel"] = cuda::kernel_name(plan.kernel);
+  d["nv"] = plan.nv;
+  d["threads"] = plan.threads;
+  d["rows_cta"] = plan.l.rows_cta;
+  d["slices"] = plan.slices;
+  return d;
 }
 
 inline void def_module_functions(nanobind::module_& m) {
   namespace nb = nanobind;
   m.def("contract", &contract_dict);
-  m.def("plan", &plan_py, nb::arg("S"), nb::arg("H"), nb::arg("P"), nb::arg("N"), nb::arg("nb"),
-        nb::arg("T"), nb::arg("rows"), nb::arg("state_dtype"), nb::arg("varlen"),
-        nb::arg("has_inter"), nb::arg("I"), nb::arg("CS"), nb::arg("cache_steps"),
-        nb::arg("algorithm"), nb::arg("sms"), nb::arg("smem_optin"), nb::arg("has_seed") = false);
+#define SSU_PLAN_NAMES                                                                           \
+  nb::arg("S"), nb::arg("H"), nb::arg("P"), nb::arg("N"), nb::arg("nb"), nb::arg("T"),           \
+      nb::arg("rows"), nb::arg("state_dtype"), nb::arg("varlen"), nb::arg("has_inter"),          \
+      nb::arg("I"), nb::arg("CS"), nb::arg("cache_steps"), nb::arg("algorithm"), nb::arg("sms"), \
+      nb::arg("smem_optin"), nb::arg("has_seed") = false, nb::arg("per_element") = false
+  m.def("plan", &plan_py, SSU_PLAN_NAMES);
+  m.def("plan_detail", &plan_detail_py, SSU_PLAN_NAMES);
+#undef SSU_PLAN_NAMES
 }
 }  // namespace ssu

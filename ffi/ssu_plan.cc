@@ -121,11 +121,15 @@ bool fast_plan(const Params& p, const DeviceInfo& di, Plan* pl) {
   threads = std::max<int>(threads, int(std::min<int64_t>(lpr, 32)));
   threads = (threads + 31) / 32 * 32;
   const int64_t groups = threads / lpr;
-  // Rows per thread: 2 when a row is one vector per lane (32 bytes in flight per thread), 1
-  // for two or more; 1 at small batch, where more CTAs beat more bytes per thread (the call
-  // is latency-bound), and never more rows than the head has.
-  int kv = vpl >= 2 ? 1 : 2;
-  if (p.nb * H * ceil_div(P, groups * kv) < 4 * int64_t(di.sms)) kv = 1;
+  // Rows per thread: 4 when a row is one vector per lane (64 bytes of state in flight per
+  // thread; on an H100 7-8% faster than 2 for MTP and int16 states, 2-4% for fp16 and
+  // H80 G1 / P128 bf16, even elsewhere), 2 with per-element parameters (their A slices
+  // double the registers; 4 was 4% slower for Mamba-1), 1 for two or more vectors per lane.
+  // Fewer where the grid would have under 4 CTAs per SM: at small batch more CTAs beat more
+  // bytes per thread (the call is latency-bound). Never more rows than the head has.
+  int kv = vpl >= 2 ? 1 : elem ? 2 : 4;
+  while (kv > 1 && p.nb * H * ceil_div(P, groups * kv) < 4 * int64_t(di.sms))
+    kv /= 2;
   if (rows_override() > 0) kv = std::min(4, pow2_ceil(rows_override()));
   while (kv > 1 && groups * (kv / 2) >= P)
     kv /= 2;

@@ -122,6 +122,43 @@ def test_fast_path_is_on_by_default():
     assert plan(varlen=True, nb=8, T=0, rows=20) == ("ssu_fast_mtp", "")
 
 
+ROWS = [  # (problem, rows per thread of the fast kernel the planner picks on a 132-SM device)
+    (dict(), 4),                      # a row is one vector per lane: 4 rows (64 B) in flight
+    (dict(nb=8, H=64), 4),
+    (dict(nb=4, H=64), 2),            # 4 rows would leave under 4 CTAs per SM
+    (dict(nb=1, H=64), 1),            # latency-bound: as many CTAs as rows allow
+    (dict(T=4), 4),                   # MTP, int16, fp32 alike
+    (dict(dtype="int16"), 4),
+    (dict(dtype="float32"), 4),
+    (dict(N=256, dtype="float32"), 1),  # two vectors per lane already
+    (dict(P=4), 1),                   # never more rows than the head has
+    (dict(H=1, P=8192, N=16, dtype="float32", per_element=True), 2),  # Mamba-1
+]
+
+
+@pytest.mark.parametrize("kw,kv", ROWS)
+def test_fast_rows_per_thread(kw, kv):
+    """The fast path's rows per thread (the planner's rule, ffi/ssu_plan.cc fast_plan)."""
+    if {"JAX_MAMBA_CUDA_FAST", "JAX_MAMBA_CUDA_ROWS", "JAX_MAMBA_CUDA_THREADS"} & set(os.environ):
+        pytest.skip("a planner override is set in this environment")
+    kw = dict(dict(S=64, H=80, P=64, N=128, nb=64, T=1, state_dtype="bfloat16", varlen=False,
+                   has_inter=False, I=0, CS=0, cache_steps=0, algorithm="auto", sms=132,
+                   smem_optin=OPTIN), **{("state_dtype" if k == "dtype" else k): v
+                                         for k, v in kw.items()})
+    kw.setdefault("rows", kw["nb"] * kw["T"])
+    d = _cpu.plan_detail(**kw)
+    assert d["kernel"].startswith("ssu_fast") and d["nv"] == kv, (kw, d)
+    lanes_per_row = min(32, kw["N"] * (4 if kw["state_dtype"] == "float32" else 2) // 16)
+    assert d["rows_cta"] == d["nv"] * d["threads"] // lanes_per_row, d
+
+
+def test_plan_detail_refusal_names_the_cause():
+    with pytest.raises(ValueError, match="unsupported state dtype float64"):
+        _cpu.plan_detail(S=1, H=1, P=1, N=16, nb=1, T=1, rows=1, state_dtype="float64",
+                         varlen=False, has_inter=False, I=0, CS=0, cache_steps=0,
+                         algorithm="auto", sms=132, smem_optin=OPTIN)
+
+
 @pytest.mark.parametrize("kw,words", [
     (dict(algorithm="vertical", N=512), ["'vertical'", "multiple of 8", "256", "dstate=512"]),
     (dict(algorithm="vertical", N=10, dtype="float32"), ["multiple of 4", "dstate=10"]),
