@@ -12,7 +12,8 @@
 #              JAX_MAMBA_CUDA_FAST=0, perf_fallback.json;
 #              variants: ROWS_VARIANTS="1 2 4" through JAX_MAMBA_CUDA_ROWS, ALG_VARIANTS="vertical")
 #              and torch's copy_ of 1 GiB beside the CLI's ceiling (they must agree within 3%)
-#   ncu        ncu sections of the ssu_ kernels on NCU_CASES
+#   ncu        ncu sections of the ssu_ kernels on NCU_CASES (the fallback kernels' too with
+#              NCU_FALLBACK=1)
 #   examples   examples/mamba2_decode.py (default size and a larger one) and
 #              examples/speculative_decoding.py on the GPU (not in the default STAGES); without
 #              flax on the machine it installs wheels/examples/ (scripts/fetch_example_wheels.sh,
@@ -177,14 +178,14 @@ if has ncu; then
     for cs in ${NCU_CASES:-b64-bf16 b1-bf16}; do
       stage "ncu_$cs" 150 ncu --clock-control none --kernel-name regex:ssu_ \
         --launch-skip 40 --launch-count 4 --section SpeedOfLight --section Occupancy \
-        --section LaunchStats --section MemoryWorkloadAnalysis \
+        --section LaunchStats --section WarpStateStats --section MemoryWorkloadAnalysis \
         python -m jax_mamba.benchmark --impl ffi --case "$cs" --reps 3
-      JAX_MAMBA_CUDA_FAST=0 stage "ncu_fallback_$cs" 150 ncu --clock-control none --kernel-name regex:ssu_ \
+      [ -n "${NCU_FALLBACK:-}" ] && JAX_MAMBA_CUDA_FAST=0 stage "ncu_fallback_$cs" 150 ncu --clock-control none --kernel-name regex:ssu_ \
         --launch-skip 40 --launch-count 4 \
         --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
         --section MemoryWorkloadAnalysis python -m jax_mamba.benchmark --impl ffi --case "$cs" --reps 3
     done
-    grep -E "ssu_|Duration|DRAM Throughput|Memory Throughput|Achieved Occupancy|Registers Per|Stall|Block Size|Grid Size" "$LOG" \
+    grep -E "ssu_|Duration|DRAM Throughput|Memory Throughput|Achieved Occupancy|Registers Per|Stall|stalled|Warp Cycles Per Issued|Block Size|Grid Size" "$LOG" \
       | sed -n '1,400p' > "$OUT/ncu_brief.txt"
   else
     summary "ncu: skipped (not found)"
