@@ -104,12 +104,15 @@ def report(c, o, walls, ev):
     runs = [r for r in chains(uniq) if any("ssu_" in n for n, _, _ in r)]
     for i, run in enumerate(runs[-o.runs:]):
         ssu = [r for r in run if "ssu_" in r[0]]
+        # the chain: from the first ssu_ kernel's start to the last one's end (the L2 flush
+        # before it is left out); what else runs in between is listed below
+        run = [r for r in run if ssu[0][1] <= r[1] <= ssu[-1][1]]
         names = collections.Counter(n[:60] for n, _, _ in run)
         durs = collections.defaultdict(list)
         for n, _, d in run:
             durs[n[:60]].append(d / 1e3)
         gaps = [b[1] - (a[1] + a[2]) for a, b in zip(ssu, ssu[1:])]
-        span = (run[-1][1] + run[-1][2] - run[0][1]) / 1e3
+        span = (ssu[-1][1] + ssu[-1][2] - ssu[0][1]) / 1e3
         print(f"   run {i}: {len(ssu)} ssu kernels, median {statistics.median(r[2] for r in ssu) / 1e3:.2f} µs, "
               f"gap between ssu kernels median {statistics.median(gaps) / 1e3 if gaps else 0:.2f} µs "
               f"(max {max(gaps) / 1e3 if gaps else 0:.2f}), span {span:.1f} µs = {span / max(len(ssu), 1):.2f} µs per call")
