@@ -25,7 +25,6 @@ import tempfile
 import time
 
 import jax
-import numpy as np
 
 import jax_mamba
 from jax_mamba import _bench_cases as bc
@@ -113,16 +112,18 @@ def report(c, o, walls, ev):
             durs[n[:60]].append(d / 1e3)
         gaps = [b[1] - (a[1] + a[2]) for a, b in zip(ssu, ssu[1:])]
         span = (ssu[-1][1] + ssu[-1][2] - ssu[0][1]) / 1e3
-        print(f"   run {i}: {len(ssu)} ssu kernels, median {statistics.median(r[2] for r in ssu) / 1e3:.2f} µs, "
-              f"gap between ssu kernels median {statistics.median(gaps) / 1e3 if gaps else 0:.2f} µs "
-              f"(max {max(gaps) / 1e3 if gaps else 0:.2f}), span {span:.1f} µs = {span / max(len(ssu), 1):.2f} µs per call")
+        kern = statistics.median(r[2] for r in ssu) / 1e3
+        gap = statistics.median(gaps) / 1e3 if gaps else 0.0
+        print(f"   run {i}: {len(ssu)} ssu kernels, median {kern:.2f} µs, gap between ssu kernels "
+              f"median {gap:.2f} µs (max {max(gaps) / 1e3 if gaps else 0:.2f}), span {span:.1f} µs "
+              f"= {span / max(len(ssu), 1):.2f} µs per call")
         if i == 0:
             for n, k in names.most_common(8):
                 print(f"      {k:4d} x {statistics.median(durs[n]):8.2f} µs  {n}")
     host = collections.defaultdict(float)
     for p, rows in ev.items():
         if "host" in p.lower() or "CPU" in p:
-            for line, n, s, d in rows:
+            for _line, n, _start, d in rows:
                 host[n[:70]] += d / 1e3
     top = sorted(host.items(), key=lambda kv: -kv[1])[:12]
     print("   host events, total µs over the traced runs:")
