@@ -87,29 +87,6 @@ def _lower_cpu(ctx, *operands, results, aliases, attrs, plan):
     return mlir.lower_fun(lambda *o: fn(*o), multiple_results=True)(ctx, *operands)
 
 
-# Index operands, which callers pass anew at every step (slots, cu_seqlens, ...). Inside an XLA
-# command buffer XLA re-records a custom call's node by tracing the handler again whenever one of
-# its buffers moved since the last execution (about 8 µs of host time per call and execution,
-# measured on an H200, paid before the graph runs), while it updates a moved kernel argument of
-# its own fusions cheaply. So on CUDA each index operand reaches the call through one elementwise
-# op of XLA's (a clamp to its dtype's own range: the same values), whose output XLA places in
-# its own temporary buffer; placeholders (no elements) stay as they are.
-STAGED = ("state_batch_indices", "dst_state_batch_indices", "intermediate_state_indices",
-          "cu_seqlens", "num_accepted_tokens")
-_STAGED_AT = tuple(_contract.OPERANDS.index(n) for n in STAGED)
-
-
-def stage_indices(operands):
-    """The operands with every non-empty index operand passed through an XLA clamp (STAGED)."""
-    out = list(operands)
-    for i in _STAGED_AT:
-        a = out[i]
-        if a.size:
-            info = np.iinfo(a.dtype)
-            out[i] = jax.lax.clamp(np.array(info.min, a.dtype), a, np.array(info.max, a.dtype))
-    return tuple(out)
-
-
 def _lower_cuda(ctx, *operands, results, aliases, attrs, plan):
     _ffi.require_handler("cuda")
     why = cuda_refusal(plan)
@@ -119,8 +96,7 @@ def _lower_cuda(ctx, *operands, results, aliases, attrs, plan):
             raise ValueError(f"selective_state_update: the CUDA kernels cannot run this problem: "
                              f"{why}")
         raise ValueError(f"{why}; use 'auto' or 'simple'")
-    fn = _ffi_function(results, aliases, attrs)
-    return mlir.lower_fun(lambda *o: fn(*stage_indices(o)), multiple_results=True)(ctx, *operands)
+    return _lower_cpu(ctx, *operands, results=results, aliases=aliases, attrs=attrs, plan=plan)
 
 
 mlir.register_lowering(ssu_p, _lower_cpu, platform="cpu")

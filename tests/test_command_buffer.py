@@ -61,34 +61,3 @@ def test_chain_is_captured_in_a_command_buffer(tmp_path):
     print(listing)  # kept in the GPU log for the closing note
     captured = [k for k, v in texts.items() if "kCommandBuffer" in v and "kCustomCall" in v]
     assert captured, f"no command buffer holding the custom calls:\n{listing}"
-
-
-def _ssu_operand_producers(hlo_text):
-    """For each jax_mamba_ssu custom call of an optimised HLO module, the names of its operands."""
-    entry = hlo_text[hlo_text.index("ENTRY"):]
-    calls = [l for l in entry.splitlines() if 'custom_call_target="jax_mamba_ssu"' in l]
-    return [l.split("custom-call(")[1].split(")")[0].replace("/*index=5*/", "")
-            .replace("/*index=10*/", "").replace("/*index=15*/", "").split(", ") for l in calls]
-
-
-def test_index_operands_are_staged_on_the_gpu():
-    """On the GPU every index operand reaches the call through XLA's own buffer (a clamp fusion),
-    not straight from a jit argument: a command buffer then does not re-trace the call when the
-    caller passes new index arrays (jax_mamba/_lowering.py, STAGED)."""
-    import jax
-    import jax.numpy as jnp
-    import jax_mamba
-    from jax_mamba import _contract
-    S, H, P, N, b = 16, 2, 4, 16, 2
-    args = dict(x=jnp.ones((b, H, P)), dt=jnp.ones((b, H)), A=-jnp.ones(H),
-                B=jnp.ones((b, 1, N)), C=jnp.ones((b, 1, N)), D=jnp.ones(H))
-    fn = jax.jit(lambda st, s, d: jax_mamba.selective_state_update(
-        st, state_batch_indices=s, dst_state_batch_indices=d, **args).state)
-    gpu = jax.devices("gpu")[0]
-    st, s, d = jax.device_put((jnp.zeros((S, H, P, N)), jnp.arange(b, dtype=jnp.int32),
-                               jnp.arange(b, dtype=jnp.int32) + b), gpu)
-    text = fn.lower(st, s, d).compile().as_text()
-    (ops,) = _ssu_operand_producers(text)
-    for name in ("state_batch_indices", "dst_state_batch_indices"):
-        op = ops[_contract.OPERANDS.index(name)]
-        assert "fusion" in op or "clamp" in op, (name, op, text[-3000:])
