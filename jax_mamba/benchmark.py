@@ -24,6 +24,11 @@ the executable. Every call of a chain has its own random slots of a cache far la
 --flush-mb) precedes every timed run, so no call finds its inputs or state in cache. Bytes
 follow FlashInfer's count (_bench_cases.bytes_per_call).
 
+'dev us' / 'dev %' (GPU, one device): one more K chain run under jax.profiler, its span on the
+GPU (first kernel of the handler's to the last one's end) over K: the device's own time per
+call. The wall figure is larger by the host work that grows with K, chiefly XLA re-recording
+each call of its command buffer when the new slot arrays moved (_bench_trace's docstring).
+
 --shard heads|slots (repeatable) adds, after each config's one-device rows, rows of the same
 donated chain on a mesh of --devices N devices (default: all of the platform's) with the cache
 sharded over heads (P(None, "m"): x, dt, z, A, D, dt_bias and, where N divides G, B and C split
@@ -56,7 +61,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 import jax_mamba
 from . import _bench_cases as bc
-from . import _bench_ncu
+from . import _bench_ncu, _bench_trace
 from ._copy import Ceiling, cuda_ceiling, device_copy
 
 IMPLS = {"ffi": lambda: jax_mamba.selective_state_update,
@@ -128,7 +133,8 @@ def ruler_errors(rows, limit=100.0):
     fast. Rows without a ratio (noisy) are not judged."""
     errors = []
     for r in rows:
-        pct = r.get("pct_copy")
+        pct = max((p for p in (r.get("pct_copy"), r.get("device_pct_copy")) if p is not None),
+                  default=None)
         if pct is not None and pct > limit:
             where = f" ({r['shard']} x{r['devices']})" if r.get("shard") else ""
             ceil = f" (ceiling {r['copy_gbs']:.0f} GB/s)" if r.get("copy_gbs") else ""
@@ -281,8 +287,9 @@ def make_fn(ssu, c: bc.Config, calls, algorithm):
 
 
 def time_config(impl, c: bc.Config, o, device, flush, mesh=None, shard=None):
-    """(seconds per call, chain medians, state kept) of `impl` on config `c` (K vs 2K chains,
-    see the module docstring); kept: the state came back with its sharding and buffers."""
+    """(seconds per call, chain medians, state kept, device µs per call) of `impl` on config `c`
+    (K vs 2K chains, see the module docstring); kept: the state came back with its sharding and
+    buffers; device µs: the traced chain's span on the GPU over K (ffi on one GPU, else None)."""
     K = o.calls
     arr = Arrays(c, 2 * K, c.cache_mb or o.cache_mb, device, mesh=mesh, shard=shard)
     state0 = arr.carry[0]
@@ -304,10 +311,15 @@ def time_config(impl, c: bc.Config, o, device, flush, mesh=None, shard=None):
         return t
 
     t = _chain_seconds(fns, run_once, o.reps)
+    # the device's own time per call: one more K chain, traced (_bench_trace), one device only
+    dev_us = None
+    if device.platform != "cpu" and mesh is None and impl == "ffi":
+        dev_us = _bench_trace.chain_device_us(
+            _bench_trace.traced_run(lambda: run_once(K, fns[K])), K)
     state = carry[0][0]
     kept = state.sharding.is_equivalent_to(sharding0, state.ndim) and _pointers(state) == ptrs0
     del carry[0], state0, state  # the cache (and arr, on return) freed before the next config
-    return t + (kept,)
+    return t + (kept, dev_us)
 
 
 def profile_child(spec):
@@ -544,8 +556,10 @@ def run(argv=None):
           + describe_ceiling(ceil))
     if ceil.note:
         print(f"warning: ceiling: {ceil.note}")
+    on_gpu = device.platform != "cpu"
     print(f"{'case':<28}{'impl':<10}{'algo':<11}{'us/call':>10}{'GB/s':>9}{'% copy':>8}"
-          f"{'speedup':>9}" + (f"{'kernel us':>11}" if o.profile else "")
+          f"{'speedup':>9}" + (f"{'dev us':>9}{'dev %':>7}" if on_gpu else "")
+          + (f"{'kernel us':>11}" if o.profile else "")
           + (f"{'layout':>12}{'vs 1':>8}{'kept':>6}" if o.shard else ""))
     flush = make_flush(devices[:n] if mesh is not None else device, o.flush_mb)
     rows = []
@@ -567,6 +581,7 @@ def run(argv=None):
                 sp = (t["reference"] / t[impl] if ok and "reference" in t and impl != "reference"
                       and math.isfinite(t["reference"]) else None)
                 ku = kernel_us.get(c.label) if impl == "ffi" and not shard else None
+                du = timed[impl][3]
                 r = {"case": c.label, "family": c.family, "batch": c.batch, "impl": impl,
                      "algorithm": o.algorithm if impl == "ffi" else "-",
                      "us_per_call": t[impl] * 1e6 if ok else None,  # None: t(2K) <= t(K), noise
@@ -575,6 +590,8 @@ def run(argv=None):
                      "speedup": sp, "bytes_per_call": nbytes,
                      "chain_median_us": {f"K={k}": v * 1e6 for k, v in timed[impl][1].items()},
                      "kernel_us_per_call": ku,
+                     "device_us_per_call": du,
+                     "device_pct_copy": 100 * nbytes / (du * 1e-6) / copy if du else None,
                      "copy_gbs": ceil.gbs * nd,
                      "cache_mb": c.cache_mb or o.cache_mb, "config": dataclasses.asdict(c)}
                 extra = ""
@@ -593,6 +610,8 @@ def run(argv=None):
                       + (f"{r['us_per_call']:>10.2f}{r['gbs']:>9.0f}{r['pct_copy']:>7.0f}%" if ok
                          else f"{'noisy: t(2K) <= t(K), raise --reps/--calls':>27}")
                       + (f"{sp:>8.2f}x" if sp else f"{'-':>9}")
+                      + ((f"{du:>9.2f}{r['device_pct_copy']:>6.0f}%" if du else f"{'-':>9}{'-':>7}")
+                         if on_gpu else "")
                       + (f"{ku:>11.2f}" if ku else (f"{'-':>11}" if o.profile else ""))
                       + extra, flush=True)
     errors = ruler_errors(rows)

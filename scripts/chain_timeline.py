@@ -34,14 +34,8 @@ from jax_mamba import benchmark as bm
 def events(path):
     """{plane name: [(line name, event name, start ns, duration ns)]} of one xplane file."""
     pd = jax.profiler.ProfileData.from_file(path)
-    out = {}
-    for plane in pd.planes:
-        rows = []
-        for line in plane.lines:
-            for ev in line.events:
-                rows.append((line.name, ev.name, ev.start_ns, ev.duration_ns))
-        out[plane.name] = rows
-    return out
+    return {plane.name: [(line.name, ev.name, ev.start_ns, ev.duration_ns)
+                         for line in plane.lines for ev in line.events] for plane in pd.planes}
 
 
 def chains(kernels, gap_ns=200_000):

@@ -13,7 +13,7 @@ import pytest
 
 import jax_mamba
 from jax_mamba import _bench_cases as bc
-from jax_mamba import _bench_ncu, _copy, benchmark
+from jax_mamba import _bench_ncu, _bench_trace, _copy, benchmark
 from conftest import PLATFORMS
 
 CPU = jax.devices("cpu")[0]
@@ -297,6 +297,27 @@ def test_ruler_errors_flags_every_row_above_100_percent():
     assert "100.1%" in errors[0] and "(heads x2)" in errors[1] and "250.0%" in errors[2]
     assert benchmark.ruler_errors(rows[:2] + rows[3:4]) == []
     assert benchmark.ruler_errors([_row("x", 90.0)], limit=80) != []
+    # the device-time ratio is judged too
+    assert benchmark.ruler_errors([_row("dev", 90.0, device_pct_copy=101.0)]) != []
+    assert benchmark.ruler_errors([_row("dev", 90.0, device_pct_copy=99.0)]) == []
+
+
+def test_chain_device_time_is_the_span_of_the_kernels_over_the_calls():
+    """_bench_trace.chain_device_us: from the first matching kernel's start to the last one's
+    end (gaps included, other kernels before and after left out), over the number of calls."""
+    ev = [("flush_copy", 0, 50_000),                          # the L2 flush before the chain
+          ("void ssu::cuda::ssu_fast<...>", 100_000, 40_000),  # ns
+          ("void ssu::cuda::ssu_fast<...>", 140_100, 40_000),
+          ("void ssu::cuda::ssu_fast<...>", 180_200, 39_800)]
+    assert _bench_trace.chain_device_us(ev, 3) == pytest.approx((220_000 - 100_000) / 1e3 / 3)
+    assert _bench_trace.chain_device_us(ev[:1], 3) is None
+    assert _bench_trace.chain_device_us([], 3) is None
+
+
+def test_traced_run_on_the_cpu_has_no_device_events():
+    ran = []
+    assert _bench_trace.traced_run(lambda: ran.append(jax.block_until_ready(jnp.ones(3) + 1))) == []
+    assert ran
 
 
 @pytest.mark.parametrize("ceiling_gbs,expect_rc", [(1e-3, 1), (1e6, 0)])
@@ -307,7 +328,7 @@ def test_cli_exits_nonzero_above_100_percent_and_still_prints_the_table(
     both = _copy.Ceiling.best_of(ceiling_gbs / 2, ceiling_gbs, 2 * 2**30, 1024.0)
     monkeypatch.setattr(benchmark, "measure_ceiling", lambda *a: both)
     monkeypatch.setattr(benchmark, "time_config",
-                        lambda impl, c, o, *a, **k: (1e-3, {"K=2": 1e-3, "K=4": 2e-3}, True))
+                        lambda impl, c, o, *a, **k: (1e-3, {"K=2": 1e-3, "K=4": 2e-3}, True, None))
     path = tmp_path / "r.json"
     rc = benchmark.main(["--platform", "cpu", "--batch", "2", "4", "--heads", "2", "--ngroups",
                          "1", "--dim", "8", "--dstate", "16", "--json", str(path)])
@@ -390,3 +411,8 @@ def test_cli_on_the_gpu_is_within_its_ceiling(tmp_path):
     assert h["copy_method"] in ("memcpy", "sm_kernel") and h["copy_mb"] == 1024
     assert h["copy_memcpy_gbs"] > 0 and h["copy_kernel_gbs"] > 0
     assert h["copy_gbs"] == max(h["copy_memcpy_gbs"], h["copy_kernel_gbs"])
+    (row,) = d["rows"]
+    # the traced device time: present, and at most the wall time per call (which adds host work)
+    # up to timing noise
+    assert row["device_us_per_call"] is not None and row["device_us_per_call"] > 0
+    assert row["device_us_per_call"] < 1.2 * row["us_per_call"], row
