@@ -23,15 +23,16 @@ KERNEL_PATTERN = "ssu_"  # the handler's kernels (ffi/ssu_cuda*.cuh), fast path 
 
 
 def device_kernels(path):
-    """(name, start ns, duration ns) of every event on the GPU planes' stream lines of an xplane
-    file (kernels and memcpys as CUPTI saw them), sorted by start."""
+    """(name, start ns, duration ns) of every event on the GPU planes' stream (or kernel) lines
+    of an xplane file (kernels and memcpys as CUPTI saw them), sorted by start; the lines that
+    scripts/chain_timeline.py read kernels from on H100 and H200 (jax 0.11.2)."""
     pd = jax.profiler.ProfileData.from_file(path)
     seen, out = set(), []
     for plane in pd.planes:
         if "gpu" not in plane.name.lower():
             continue
         for line in plane.lines:
-            if "stream" not in line.name.lower():
+            if not any(w in line.name.lower() for w in ("stream", "kernel")):
                 continue
             for ev in line.events:
                 key = (ev.name, ev.start_ns)
