@@ -2,7 +2,9 @@
 selective_state_update on named benchmark cases, against a torch copy ceiling measured in the
 same process. Same method as the benchmark CLI (python -m jax_mamba.benchmark): chains of K and
 2K donated calls in one jit, every call its own random slots of a >= 1 GiB cache and its own
-x/dt/B/C, an L2 flush before every timed run, per call = (median t(2K) - median t(K)) / K.
+x/dt/B/C, an L2 flush before every timed run, per call = (median t(2K) - median t(K)) / K (wall: it includes XLA's host
+work per call), then the device time of one more traced K chain (jax_mamba/_bench_trace.py),
+the figure to compare kernels by.
 
     python scripts/fast_harness.py b64-bf16 b256-bf16 ...   [--reps 15] [--calls 10]
 
@@ -11,6 +13,7 @@ previous kernels, JAX_MAMBA_CUDA_ROWS, JAX_MAMBA_CUDA_THREADS, JAX_MAMBA_CUDA_PD
 one process per variant; --tag labels its rows. Prints one line per case.
 """
 import argparse
+import functools
 import os
 import statistics
 import time
@@ -21,6 +24,7 @@ import numpy as np
 
 import jax_mamba
 from jax_mamba import _bench_cases as bc
+from jax_mamba import _bench_trace
 
 
 def torch_copy_gbs(mb=1024):
@@ -76,6 +80,19 @@ def make_fn(calls):
     return jax.jit(run, donate_argnums=0)
 
 
+def run_chain(fn, carry, S, batch, K, params, inputs, rng, flush):
+    """One timed run of `fn` (a chain of up to 2K calls) on fresh random slots after an L2
+    flush; the donated state lives on in carry[0]. Seconds."""
+    idx = rng.choice(S, 2 * K * batch, replace=False).astype(np.int32)
+    slots = tuple(jax.device_put(list(idx.reshape(2 * K, -1))))
+    jax.block_until_ready((flush(), slots))
+    t0 = time.perf_counter()
+    st, outs = fn(carry[0], params, inputs, slots)
+    jax.block_until_ready((st, outs))
+    carry[0] = st
+    return time.perf_counter() - t0
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("cases", nargs="+")
@@ -100,22 +117,20 @@ def main():
         fns = {k: make_fn(k) for k in (K, 2 * K)}
         times = {k: [] for k in fns}
         carry = [state]
+        do_flush = functools.partial(flush, flushbuf)
         for i in range(o.reps + 1):
             for k in fns:
-                idx = rng.choice(S, 2 * K * c.batch, replace=False).astype(np.int32)
-                slots = tuple(jax.device_put(list(idx.reshape(2 * K, -1))))
-                jax.block_until_ready((flush(flushbuf), slots))
-                t0 = time.perf_counter()
-                st, outs = fns[k](carry[0], params, inputs, slots)
-                jax.block_until_ready((st, outs))
-                t = time.perf_counter() - t0
-                carry[0] = st
+                t = run_chain(fns[k], carry, S, c.batch, K, params, inputs, rng, do_flush)
                 if i:
                     times[k].append(t)
         m1, m2 = statistics.median(times[K]), statistics.median(times[2 * K])
         per = (m2 - m1) / K
+        traced = functools.partial(run_chain, fns[K], carry, S, c.batch, K, params, inputs, rng,
+                                   do_flush)
+        dev = _bench_trace.chain_device_us(_bench_trace.traced_run(traced), K)
         nbytes = bc.bytes_per_call(c)
-        print(f"{o.tag:<14}{name:<22}{per * 1e6:9.2f} us {nbytes / per / 1e9:8.0f} GB/s",
+        print(f"{o.tag:<14}{name:<22}{per * 1e6:9.2f} us {nbytes / per / 1e9:8.0f} GB/s wall"
+              + (f"{dev:9.2f} us {nbytes / dev / 1e3:8.0f} GB/s device" if dev else ""),
               flush=True)
         del carry, state, inputs
 
