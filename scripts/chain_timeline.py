@@ -10,6 +10,7 @@ device timeline read back from the trace (CUPTI, no nsys needed). Per case it pr
     (command-buffer updates, the handler's planning), to tell device time from host time.
 
     python scripts/chain_timeline.py b1-bf16 b64-bf16 [--calls 20] [--runs 3] [--same-slots]
+                                     [--pipelined M]
 
 --same-slots passes the same slot arrays to every run (no argument changes address between
 runs), to see whether re-recording a command buffer for new arguments costs per-call time.
@@ -28,6 +29,7 @@ import jax
 
 import jax_mamba
 from jax_mamba import _bench_cases as bc
+from jax_mamba import _bench_trace
 from jax_mamba import benchmark as bm
 
 
@@ -75,6 +77,38 @@ def profile_case(c, o, device, flush):
     paths = glob.glob(os.path.join(logdir, "**", "*.xplane.pb"), recursive=True)
     ev = events(paths[0])
     return walls, ev
+
+
+def pipelined(c, o, device):
+    """A decode loop's view: o.pipelined runs of the K chain dispatched back to back (each on new
+    slot arrays, no flush, no wait in between), then one wait. Prints the wall time per call
+    and the device span per call of the traced loop (gaps between runs included): when the two
+    agree, dispatching ahead hides XLA's host work per call (re-recording the command buffer's
+    FFI calls for the new slot arrays) behind the GPU's."""
+    arr = bm.Arrays(c, o.calls, c.cache_mb or o.cache_mb, device)
+    fn = bm.make_fn(jax_mamba.selective_state_update, c, o.calls, "auto")
+    carry = arr.carry
+
+    def loop():
+        nonlocal carry
+        t0 = time.perf_counter()
+        outs = []
+        for _ in range(o.pipelined):
+            carry, out = fn(carry, arr.params, arr.inputs, arr.slots(o.calls))
+            outs.append(out[-1])
+        jax.block_until_ready((carry, outs))
+        return time.perf_counter() - t0
+
+    loop()  # compiles
+    logdir = tempfile.mkdtemp(prefix="chain_tl_")
+    with jax.profiler.trace(logdir):
+        wall = loop()
+    paths = glob.glob(os.path.join(logdir, "**", "*.xplane.pb"), recursive=True)
+    n = o.pipelined * o.calls
+    dev = _bench_trace.chain_device_us(_bench_trace.device_kernels(paths[0]), n) if paths else None
+    print(f"   pipelined, {o.pipelined} runs x {o.calls} calls dispatched ahead: wall "
+          f"{wall * 1e6 / n:.2f} µs per call, device span "
+          + (f"{dev:.2f} µs per call" if dev else "- (no device plane)"))
 
 
 def report(c, o, walls, ev):
@@ -132,6 +166,8 @@ def main():
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--cache-mb", type=float, default=None)
     ap.add_argument("--same-slots", action="store_true")
+    ap.add_argument("--pipelined", type=int, default=0, metavar="M",
+                    help="also M runs dispatched back to back, new slots each (pipelined())")
     o = ap.parse_args()
     device = jax.devices()[0]
     d = bm.GPU_DEFAULTS if device.platform != "cpu" else bm.CPU_DEFAULTS
@@ -142,6 +178,8 @@ def main():
         c = bc.CASES[name]
         walls, ev = profile_case(c, o, device, flush)
         report(c, o, walls, ev)
+        if o.pipelined:
+            pipelined(c, o, device)
 
 
 if __name__ == "__main__":
