@@ -1,6 +1,7 @@
 // What both nanobind modules expose besides registrations(): contract(), the typed FFI
 // contract (ssu_ffi.h) as this build compiled it, checked against the Python tables
-// (tests/test_contract.py); plan(), the CUDA planner (ssu_plan.h) on a described problem.
+// (tests/test_contract.py); plan(), the CUDA planner (ssu_plan.h) on a described problem, and
+// plan_detail(), the same plan's launch shape (tests/test_plan.py).
 #pragma once
 #include <stdexcept>
 #include <string>
@@ -118,4 +119,6 @@ inline void def_module_functions(nanobind::module_& m) {
   m.def("plan_detail", &plan_detail_py, SSU_PLAN_NAMES);
 #undef SSU_PLAN_NAMES
 }
+#undef SSU_PLAN_ARGS
+#undef SSU_PLAN_PASS
 }  // namespace ssu

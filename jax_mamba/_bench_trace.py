@@ -54,12 +54,17 @@ def chain_device_us(events, calls, pattern=KERNEL_PATTERN):
 
 def traced_run(run):
     """Events of the device planes recorded while `run()` executes; [] when the trace has no
-    GPU plane (CPU runs) or the profiler is unavailable."""
-    logdir = tempfile.mkdtemp(prefix="jax_mamba_bench_trace_")
-    try:
-        with jax.profiler.trace(logdir):
+    GPU plane (CPU runs) or no profiler session can be started (one already active). An error
+    of `run()` itself propagates."""
+    with tempfile.TemporaryDirectory(prefix="jax_mamba_bench_trace_") as logdir:
+        try:
+            jax.profiler.start_trace(logdir)
+        except RuntimeError:
             run()
-    except RuntimeError:  # a profiler session already active, or none available
-        return []
-    paths = glob.glob(os.path.join(logdir, "**", "*.xplane.pb"), recursive=True)
-    return device_kernels(paths[0]) if paths else []
+            return []
+        try:
+            run()
+        finally:
+            jax.profiler.stop_trace()
+        paths = glob.glob(os.path.join(logdir, "**", "*.xplane.pb"), recursive=True)
+        return device_kernels(paths[0]) if paths else []

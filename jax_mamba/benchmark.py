@@ -313,7 +313,7 @@ def time_config(impl, c: bc.Config, o, device, flush, mesh=None, shard=None):
     t = _chain_seconds(fns, run_once, o.reps)
     # the device's own time per call: one more K chain, traced (_bench_trace), one device only
     dev_us = None
-    if device.platform != "cpu" and mesh is None and impl == "ffi":
+    if device.platform != "cpu" and mesh is None and impl == "ffi" and o.device_time:
         dev_us = _bench_trace.chain_device_us(
             _bench_trace.traced_run(lambda: run_once(K, fns[K])), K)
     state = carry[0][0]
@@ -434,6 +434,9 @@ def build_parser():
     ap.add_argument("--plot", metavar="PATH", help="GB/s vs batch plot (needs matplotlib)")
     ap.add_argument("--profile", action="store_true",
                     help="also the kernel time per call measured by ncu (CUDA only)")
+    ap.add_argument("--no-device-time", dest="device_time", action="store_false",
+                    help="skip the traced chain that gives 'dev us' (GPU); e.g. under ncu, "
+                         "whose profiler and jax.profiler's would compete")
     ap.add_argument("--profile-child", help=argparse.SUPPRESS)
     return ap
 

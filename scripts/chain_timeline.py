@@ -144,7 +144,7 @@ def report(c, o, walls, ev):
         gap = statistics.median(gaps) / 1e3 if gaps else 0.0
         print(f"   run {i}: {len(ssu)} ssu kernels, median {kern:.2f} µs, gap between ssu kernels "
               f"median {gap:.2f} µs (max {max(gaps) / 1e3 if gaps else 0:.2f}), span {span:.1f} µs "
-              f"= {span / max(len(ssu), 1):.2f} µs per call")
+              f"= {span / o.calls:.2f} µs per call")
         if i == 0:
             for n, k in names.most_common(8):
                 print(f"      {k:4d} x {statistics.median(durs[n]):8.2f} µs  {n}")

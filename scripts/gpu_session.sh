@@ -179,11 +179,11 @@ if has ncu; then
       stage "ncu_$cs" 150 ncu --clock-control none --kernel-name regex:ssu_ \
         --launch-skip 40 --launch-count 4 --section SpeedOfLight --section Occupancy \
         --section LaunchStats --section WarpStateStats --section MemoryWorkloadAnalysis \
-        python -m jax_mamba.benchmark --impl ffi --case "$cs" --reps 3
+        python -m jax_mamba.benchmark --impl ffi --case "$cs" --reps 3 --no-device-time
       [ -n "${NCU_FALLBACK:-}" ] && JAX_MAMBA_CUDA_FAST=0 stage "ncu_fallback_$cs" 150 ncu --clock-control none --kernel-name regex:ssu_ \
         --launch-skip 40 --launch-count 4 \
         --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
-        --section MemoryWorkloadAnalysis python -m jax_mamba.benchmark --impl ffi --case "$cs" --reps 3
+        --section MemoryWorkloadAnalysis python -m jax_mamba.benchmark --impl ffi --case "$cs" --reps 3 --no-device-time
     done
     grep -E "ssu_|Duration|DRAM Throughput|Memory Throughput|Achieved Occupancy|Registers Per|Stall|stalled|Warp Cycles Per Issued|Block Size|Grid Size" "$LOG" \
       | sed -n '1,400p' > "$OUT/ncu_brief.txt"
