@@ -33,11 +33,12 @@ from jax_mamba import _bench_trace
 from jax_mamba import benchmark as bm
 
 
-def events(path):
-    """{plane name: [(line name, event name, start ns, duration ns)]} of one xplane file."""
+def host_events(path):
+    """(event name, duration ns) of every event on the host planes of an xplane file."""
     pd = jax.profiler.ProfileData.from_file(path)
-    return {plane.name: [(line.name, ev.name, ev.start_ns, ev.duration_ns)
-                         for line in plane.lines for ev in line.events] for plane in pd.planes}
+    return [(ev.name, ev.duration_ns) for plane in pd.planes
+            if "host" in plane.name.lower() or "CPU" in plane.name
+            for line in plane.lines for ev in line.events]
 
 
 def chains(kernels, gap_ns=200_000):
@@ -75,8 +76,7 @@ def profile_case(c, o, device, flush):
     with jax.profiler.trace(logdir):
         walls = [once() for _ in range(o.runs)]
     paths = glob.glob(os.path.join(logdir, "**", "*.xplane.pb"), recursive=True)
-    ev = events(paths[0])
-    return walls, ev
+    return walls, _bench_trace.device_kernels(paths[0]), host_events(paths[0])
 
 
 def pipelined(c, o, device):
@@ -100,37 +100,26 @@ def pipelined(c, o, device):
         return time.perf_counter() - t0
 
     loop()  # compiles
-    logdir = tempfile.mkdtemp(prefix="chain_tl_")
-    with jax.profiler.trace(logdir):
-        wall = loop()
-    paths = glob.glob(os.path.join(logdir, "**", "*.xplane.pb"), recursive=True)
+    walls = []
     n = o.pipelined * o.calls
-    dev = _bench_trace.chain_device_us(_bench_trace.device_kernels(paths[0]), n) if paths else None
+    dev = _bench_trace.chain_device_us(_bench_trace.traced_run(lambda: walls.append(loop())), n)
+    wall = walls[0]
     print(f"   pipelined, {o.pipelined} runs x {o.calls} calls dispatched ahead: wall "
           f"{wall * 1e6 / n:.2f} µs per call, device span "
           + (f"{dev:.2f} µs per call" if dev else "- (no device plane)"))
 
 
-def report(c, o, walls, ev):
+def report(c, o, walls, dev, host_ev):
     print(f"== {c.name}: K={o.calls}, {o.runs} runs, same slots: {o.same_slots}")
     print(f"   host wall per run: median {statistics.median(walls) * 1e6:.1f} µs "
           f"({statistics.median(walls) * 1e6 / o.calls:.2f} µs per call)")
-    dev = [(n, s, d) for p, rows in ev.items() if "GPU" in p or "gpu" in p
-           for (line, n, s, d) in rows if "stream" in line.lower() or "kernel" in line.lower()]
     if not dev:
-        print("   no device plane in the trace; planes:", list(ev))
+        print("   no device plane in the trace")
         return
-    dev.sort(key=lambda r: r[1])
-    # keep only one line's view: events repeated on several lines (XLA Ops vs streams) would
-    # double count; stream lines carry the kernels themselves
-    seen, uniq = set(), []
-    for r in dev:
-        if (r[0], r[1]) not in seen:
-            seen.add((r[0], r[1]))
-            uniq.append(r)
-    runs = [r for r in chains(uniq) if any("ssu_" in n for n, _, _ in r)]
+    pat = _bench_trace.KERNEL_PATTERN
+    runs = [r for r in chains(dev) if any(pat in n for n, _, _ in r)]
     for i, run in enumerate(runs[-o.runs:]):
-        ssu = [r for r in run if "ssu_" in r[0]]
+        ssu = [r for r in run if pat in r[0]]
         # the chain: from the first ssu_ kernel's start to the last one's end (the L2 flush
         # before it is left out); what else runs in between is listed below
         run = [r for r in run if ssu[0][1] <= r[1] <= ssu[-1][1]]
@@ -149,10 +138,8 @@ def report(c, o, walls, ev):
             for n, k in names.most_common(8):
                 print(f"      {k:4d} x {statistics.median(durs[n]):8.2f} µs  {n}")
     host = collections.defaultdict(float)
-    for p, rows in ev.items():
-        if "host" in p.lower() or "CPU" in p:
-            for _line, n, _start, d in rows:
-                host[n[:70]] += d / 1e3
+    for n, d in host_ev:
+        host[n[:70]] += d / 1e3
     top = sorted(host.items(), key=lambda kv: -kv[1])[:12]
     print("   host events, total µs over the traced runs:")
     for n, t in top:
@@ -176,8 +163,7 @@ def main():
     print(f"device: {device.device_kind}; XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
     for name in o.cases:
         c = bc.CASES[name]
-        walls, ev = profile_case(c, o, device, flush)
-        report(c, o, walls, ev)
+        report(c, o, *profile_case(c, o, device, flush))
         if o.pipelined:
             pipelined(c, o, device)
 
