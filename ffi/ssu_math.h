@@ -103,25 +103,38 @@ struct Rand4 {
   uint32_t r[4];
 };
 
-SSU_HD uint32_t mulhi32(uint32_t a, uint32_t b) {
-#if defined(__CUDA_ARCH__)
-  return __umulhi(a, b);
-#else
-  return uint32_t((uint64_t(a) * uint64_t(b)) >> 32);
-#endif
+// One Philox round: both halves of each 32x32 product from one wide multiply.
+SSU_HD void philox_round(uint32_t& c0, uint32_t& c1, uint32_t& c2, uint32_t& c3, uint32_t k0,
+                         uint32_t k1) {  // Random123 / Triton tl.randint4x round function
+  const uint64_t m0 = uint64_t(0xD2511F53u) * c0, m2 = uint64_t(0xCD9E8D57u) * c2;
+  const uint32_t n0 = uint32_t(m2 >> 32) ^ c1 ^ k0;
+  const uint32_t n2 = uint32_t(m0 >> 32) ^ c3 ^ k1;
+  c0 = n0;
+  c1 = uint32_t(m2);
+  c2 = n2;
+  c3 = uint32_t(m0);
 }
+
+// R rounds known at compile time: straight-line code (the loop, its counter and the key
+// additions fold away; the per-round keys are shared by every call of a thread).
+template <int R>
+SSU_HD Rand4 philox4x32_r(uint32_t c0, uint32_t c1, uint32_t c2, uint32_t c3, uint32_t k0,
+                          uint32_t k1) {
+#pragma unroll
+  for (int i = 0; i < R; ++i)
+    philox_round(c0, c1, c2, c3, k0 + uint32_t(i) * 0x9E3779B9u, k1 + uint32_t(i) * 0xBB67AE85u);
+  return Rand4{{c0, c1, c2, c3}};
+}
+
+// The default round count (docs/semantics.md): its unrolled form serves every call that uses it.
+constexpr int kPhiloxDefaultRounds = 10;
 
 SSU_HD Rand4 philox4x32(uint32_t c0, uint32_t c1, uint32_t c2, uint32_t c3, uint32_t k0,
                         uint32_t k1, int rounds) {
-  for (int i = 0; i < rounds; ++i) {  // Random123 / Triton tl.randint4x round function
-    uint32_t n0 = mulhi32(0xCD9E8D57u, c2) ^ c1 ^ k0;
-    uint32_t n2 = mulhi32(0xD2511F53u, c0) ^ c3 ^ k1;
-    uint32_t n1 = 0xCD9E8D57u * c2;
-    uint32_t n3 = 0xD2511F53u * c0;
-    c0 = n0;
-    c1 = n1;
-    c2 = n2;
-    c3 = n3;
+  if (rounds == kPhiloxDefaultRounds)
+    return philox4x32_r<kPhiloxDefaultRounds>(c0, c1, c2, c3, k0, k1);
+  for (int i = 0; i < rounds; ++i) {
+    philox_round(c0, c1, c2, c3, k0, k1);
     k0 += 0x9E3779B9u;
     k1 += 0xBB67AE85u;
   }
