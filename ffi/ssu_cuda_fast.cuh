@@ -392,8 +392,17 @@ __device__ __forceinline__ void varlen_zero_fill(const Params& p, const Launch& 
   }
 }
 
+// Registers: the T-step loop keeps KV rows, the next step's inputs and the entry live; bounded to
+// 128 (2 CTAs of 256 or 4 of 128 threads per SM, not 3) where that needs no spills: float states
+// without stochastic rounding (ptxas: 96-128 registers, none spilled); int16 and SR would spill.
+template <DType ST, bool SR>
+struct MtpMinBlocks {
+  static constexpr int value = ST == DType::I16 || SR ? 1 : 2;
+};
+
 template <DType ST, DType IT, int N, int KV, bool SR, bool VL = false>
-__global__ void __launch_bounds__(256) ssu_fast_mtp(const Params p, const Launch l) {
+__global__ void __launch_bounds__(256, MtpMinBlocks<ST, SR>::value)
+    ssu_fast_mtp(const Params p, const Launch l) {
   static_assert(!SR || ST == DType::BF16 || ST == DType::F16, "stochastic rounding: 16-bit floats");
   using SW = typename Stor<ST>::type;
   using R = FastRow<ST, N>;
