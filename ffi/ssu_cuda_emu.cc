@@ -72,6 +72,7 @@ inline void __stcs(T* p, T v) {
   *const_cast<T*>(aligned(p)) = v;
 }
 inline float __expf(float v) { return expf(v); }
+inline float __frcp_rn(float v) { return 1.f / v; }  // IEEE: correctly rounded
 inline unsigned __umulhi(unsigned a, unsigned b) {
   return unsigned((unsigned long long)a * b >> 32);
 }

@@ -255,10 +255,11 @@ __global__ void __launch_bounds__(256) ssu_fast(const Params p, const Launch l) 
         a += s[e] * Cf[j][e];
       }
     }
-    float sc = 1.f;
+    float sc = 1.f, rc = 0.f;
     if constexpr (Q) {
       if (dst_row != nullptr) {  // uniform over the CTA: every lane takes part in the shuffle
         sc = row_scale<LPR>(sv);
+        rc = i16_rcp(sc);
         if (lane == 0 && on(k)) p.state_scale[uint64_t(dst) * HP + uint32_t(h * P + row(k))] = sc;
       }
     }
@@ -277,7 +278,7 @@ __global__ void __launch_bounds__(256) ssu_fast(const Params p, const Launch l) 
     } else {
 #pragma unroll
       for (int j = 0; j < VPL; ++j)
-        raw[k][j] = pack_state<ST>(sv[j], sc);
+        raw[k][j] = pack_state<ST>(sv[j], sc, rc);
       acc[k] = a;
       if (dst_row != nullptr && on(k)) {
 #pragma unroll
@@ -537,10 +538,11 @@ __global__ void __launch_bounds__(256, MtpMinBlocks<ST, SR>::value)
         }
       }
       acc[k] = a;
-      float sc = 1.f;
+      float sc = 1.f, rc = 0.f;
       if constexpr (Q) {
         if (store) {  // uniform over the CTA: every lane takes part in the shuffle
           sc = row_scale<LPR>(st[k]);
+          rc = i16_rcp(sc);
           if (lane == 0 && on(k)) {
             const uint32_t r = uint32_t(h * P + row(k));
             if (dst_row != nullptr) p.state_scale[uint64_t(cur.wslot) * HP + r] = sc;
@@ -572,7 +574,7 @@ __global__ void __launch_bounds__(256, MtpMinBlocks<ST, SR>::value)
         } else {
 #pragma unroll
           for (int j = 0; j < VPL; ++j) {
-            const uint4 v = pack_state<ST>(st[k][j], sc);
+            const uint4 v = pack_state<ST>(st[k][j], sc, rc);
             if (it_row != nullptr)
               __stcs(reinterpret_cast<uint4*>(it_row + k * row_step + j * LPR * E), v);
             if (dst_row != nullptr)

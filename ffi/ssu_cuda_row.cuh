@@ -39,8 +39,9 @@ __device__ __forceinline__ float half_word(uint32_t w, int hi) {  // 16-bit elem
     return __uint_as_float(h << 16);
   else if constexpr (T == DType::F16)
     return __half2float(__ushort_as_half((unsigned short)h));
-  else
-    return float(int32_t(h << 16) >> 16);  // I16
+  else  // I16: 1.5 * 2^23 + (h ^ 0x8000) is exact in fp32; subtracting 1.5 * 2^23 + 2^15 leaves the
+        // signed value (two full-rate instructions where I2F issues at a quarter of the rate)
+    return __uint_as_float((h ^ 0x8000u) | 0x4B400000u) - 12615680.f;
 }
 
 template <DType T>
@@ -146,17 +147,44 @@ __device__ __forceinline__ void ld_state_vec(const void* base, int64_t i, float*
       v);
 }
 
-// fp32 values of one 16-byte state vector -> its stored words (round to nearest even; int16:
-// encoded with the row's scale `sc`, docs/semantics.md "int16 state").
-template <DType ST>
-__device__ __forceinline__ uint4 pack_state(const float* v, float sc = 1.f) {
-  if constexpr (ST == DType::I16) {
-    uint32_t w[4];
+// int16 encoding without a division per element (docs/semantics.md "int16 state": rint of
+// clamp(v / scale) with IEEE division, as the CPU handler). i16_rcp: the row's correctly
+// rounded reciprocal, or 0 where the scale is outside [2^-96, 2^96]. With it the quotient is
+// q0 = v * rc corrected once by its exact residual (Markstein): the correctly rounded v / sc
+// whenever the residual does not underflow, i.e. for every |q| >= 2^-28 at such scales, and
+// where it is smaller both round to 0 (3e8 random and adversarial pairs: the same int16 every
+// time). rint is the 1.5 * 2^23 addition (half to even, exact for |q| <= 32767), its low 16 bits
+// the two's-complement value.
+__device__ __forceinline__ float i16_rcp(float sc) {
+  return sc >= 0x1p-96f && sc <= 0x1p96f ? __frcp_rn(sc) : 0.f;
+}
+template <bool FAST>
+__device__ __forceinline__ uint32_t i16_bits(float v, float sc, float rc) {
+  float q;
+  if constexpr (FAST) {
+    const float q0 = v * rc;
+    q = fmaf(rc, fmaf(-sc, q0, v), q0);
+  } else {
+    q = v / sc;
+  }
+  q = fminf(fmaxf(q, -32767.f), 32767.f);  // a NaN quotient becomes -32767, as int16_encode
+  return __float_as_uint(q + 12582912.f) & 0xffffu;
+}
+template <bool FAST>
+__device__ __forceinline__ uint4 pack_i16(const float* v, float sc, float rc) {
+  uint32_t w[4];
 #pragma unroll
-    for (int j = 0; j < 4; ++j)
-      w[j] = uint32_t(uint16_t(int16_encode(v[2 * j], sc))) |
-             (uint32_t(uint16_t(int16_encode(v[2 * j + 1], sc))) << 16);
-    return make_uint4(w[0], w[1], w[2], w[3]);
+  for (int j = 0; j < 4; ++j)
+    w[j] = i16_bits<FAST>(v[2 * j], sc, rc) | (i16_bits<FAST>(v[2 * j + 1], sc, rc) << 16);
+  return make_uint4(w[0], w[1], w[2], w[3]);
+}
+
+// fp32 values of one 16-byte state vector -> its stored words (round to nearest even; int16:
+// encoded with the row's scale `sc` and its i16_rcp `rc`, docs/semantics.md "int16 state").
+template <DType ST>
+__device__ __forceinline__ uint4 pack_state(const float* v, float sc = 1.f, float rc = 0.f) {
+  if constexpr (ST == DType::I16) {
+    return rc != 0.f ? pack_i16<true>(v, sc, rc) : pack_i16<false>(v, sc, rc);
   } else if constexpr (ST == DType::F32) {
     return make_uint4(__float_as_uint(v[0]), __float_as_uint(v[1]), __float_as_uint(v[2]),
                       __float_as_uint(v[3]));
@@ -183,6 +211,31 @@ template <DType ST>
 __device__ __forceinline__ uint4 pack_state_sr(const float* v, const Rand4& r) {
   static_assert(ST == DType::BF16 || ST == DType::F16, "stochastic rounding: 16-bit floats");
   uint32_t w[4];
+  if constexpr (ST == DType::F16) {
+    // fp16's normal range (f32_to_f16_sr): the random bits added to the 13 dropped bits, which
+    // are then cleared; the value left is an fp16 (or >= 65536) and the hardware's packed
+    // round-to-nearest conversion stores it exactly (or as Inf): a few integer operations per
+    // element instead of the whole rule. A vector with an element outside that range (fp16
+    // subnormal, Inf / NaN) takes the rule element by element.
+    uint32_t rb[8];
+    bool other = false;
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+      const uint32_t u = __float_as_uint(v[i]), a = u & 0x7fffffffu;
+      other |= a - 0x38800000u >= 0x7f800000u - 0x38800000u;  // a < 2^-14 or not finite
+      const uint32_t rnd = (i & 1 ? r.r[i >> 1] >> 16 : r.r[i >> 1]) & 0xffffu;
+      rb[i] = ((a + (rnd >> 3)) & 0x7fffe000u) | (u & 0x80000000u);
+    }
+    if (!other) {
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        const __half2 h =
+            __floats2half2_rn(__uint_as_float(rb[2 * j]), __uint_as_float(rb[2 * j + 1]));
+        w[j] = *reinterpret_cast<const uint32_t*>(&h);
+      }
+      return make_uint4(w[0], w[1], w[2], w[3]);
+    }
+  }
 #pragma unroll
   for (int j = 0; j < 4; ++j) {
     const uint32_t lo =

@@ -261,6 +261,89 @@ def test_varlen_on_the_emulated_fast_path(tmp_path):
     assert (plain["float32-float32-pads-out"][0] == 0).all()
 
 
+EXTREME_CASES = r"""
+import sys, numpy as np, jax, jax.numpy as jnp
+import jax_mamba
+from jax_mamba import _cpu
+r = np.random.default_rng(5)
+S, H, P, N, G, b = 6, 4, 8, 128, 1, 3
+f = lambda *s: r.standard_normal(s).astype(np.float32)
+i32 = lambda *v: np.array(v, np.int32)
+res = {}
+A = np.array([0.0, -0.5, -1.0, 0.0], np.float32)  # heads 0 and 3: dA = 1 (nothing decays)
+for mtp in (False, True):
+    tok = (b, 2) if mtp else (b,)
+    x, dt = f(*tok, H, P), np.abs(f(*tok, H)) * 0.1
+    x[..., 1, :] = 0.0  # head 1: the state only decays
+    x[..., 2, :] *= 1e-6
+    # float16 + SR: values in fp16's subnormal range, near 65504 (SR may round up to Inf), NaN, Inf
+    st = (f(S, H, P, N) * 1e-6).astype(np.float32)
+    st[:, 0] = 65500.0 * np.sign(f(S, P, N))
+    st[:, 3, 0, :4] = [np.nan, np.inf, -np.inf, 3e-8]
+    st[:, 2] = f(S, P, N) * 3.0
+    kw = dict(state_batch_indices=i32(4, 1, 2), rand_seed=np.int32(61), dt_softplus=False)
+    if mtp:
+        kw["intermediate_states_buffer"] = np.zeros((3, 2, H, P, N), np.float16)
+        kw["intermediate_state_indices"] = i32(2, 0, 1)
+    cases = {"f16sr": (st.astype(np.float16), kw)}
+    # int16: rows whose new scale is below 2^-96 (head 1: rows of scale 1e-30, and 1e-38 whose
+    # new scale is an fp32 subnormal), above 2^96, ordinary, and all-zero rows
+    q = r.integers(-30000, 30000, (S, H, P, N)).astype(np.int16)
+    q[:, 3, 1] = 0
+    sc = np.abs(f(S, H, P)) * 1e-3 + 1e-4
+    sc[:, 1] = 1e-38
+    sc[:, 1, :4] = 1e-30
+    sc[:, 0, :4] = 1e30
+    kwq = dict(state_batch_indices=i32(4, 1, 2), state_scale=sc, dt_softplus=False)
+    if mtp:
+        kwq["intermediate_states_buffer"] = np.zeros((3, 2, H, P, N), np.int16)
+        kwq["intermediate_state_scales"] = np.ones((3, 2, H, P), np.float32)
+        kwq["intermediate_state_indices"] = i32(2, 0, 1)
+    cases["i16"] = (q, kwq)
+    for name, (s0, kw0) in cases.items():
+        B, C = f(*tok, G, N), f(*tok, G, N)
+        before = _cpu.emulation()["calls"]
+        o = jax.block_until_ready(jax_mamba.selective_state_update(s0, x, dt, A, B, C, f(H), **kw0))
+        key = f"{name}-{'mtp' if mtp else 'stp'}"
+        res[key + "-calls"] = np.int64(_cpu.emulation()["calls"] - before)
+        res[key + "-out"] = np.asarray(o.out, np.float32)
+        for field in ("state", "state_scale", "intermediate_states_buffer",
+                      "intermediate_state_scales"):
+            v = getattr(o, field)
+            if v is not None:
+                v = np.asarray(v)
+                res[f"{key}-{field}"] = v.view(np.uint16 if v.dtype.itemsize == 2 else np.uint32)
+np.savez(sys.argv[1], **res)
+"""
+
+
+def _extreme_out_matches(label, a, b):
+    assert (np.isnan(a) == np.isnan(b)).all(), f"{label}: NaN rows differ"
+    fin = np.isfinite(a) & np.isfinite(b)
+    assert (a[~fin] == b[~fin])[~np.isnan(a[~fin])].all(), f"{label}: infinite rows differ"
+    np.testing.assert_allclose(a[fin], b[fin], rtol=1e-5, atol=1e-5, err_msg=label)
+
+
+def test_extreme_values_on_the_emulated_fast_path(tmp_path):
+    """The fast path's encoders where their shortcuts end: float16 stochastic rounding of
+    values in fp16's subnormal range, at 65504 (rounding up to Inf), NaN and Inf (the rule
+    element by element) beside ordinary ones (the packed conversion); int16 rows whose new
+    scale is below 2^-96 or above 2^96 (IEEE division) beside ordinary and all-zero rows (the
+    reciprocal with one correction); STP and MTP with an intermediate buffer. Every stored bit
+    equals the CPU handler's."""
+    plain = _sr_run(tmp_path, "cpu", dict(os.environ, JAX_MAMBA_CPU_EMULATE_FAST="0"),
+                    EXTREME_CASES)
+    emu = _sr_run(tmp_path, "emu", ENV, EXTREME_CASES)
+    _compare_with_cpu(emu, plain, "", _extreme_out_matches)
+    # the cases reach what they are for
+    f16 = plain["f16sr-stp-state"].view(np.float16).astype(np.float32)
+    assert np.isinf(f16).any() and np.isnan(f16).any()
+    assert ((np.abs(f16) < 6.1e-5) & (f16 != 0)).any(), "no fp16 subnormal stored"
+    scales = plain["i16-stp-state_scale"].view(np.float32)
+    assert (scales < 2.0 ** -96).any() and (scales > 2.0 ** 96).any()
+    assert ((scales < 2.0 ** -126) & (scales > 0)).any(), "no subnormal int16 scale"
+
+
 RUN = ("import sys, pytest; rc = pytest.main(sys.argv[1:]); from jax_mamba import _cpu; "
        "print('EMULATED', _cpu.emulation()['calls']); sys.exit(rc)")
 
