@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "nanobind/nanobind.h"
+#include "nanobind/ndarray.h"
 #include "ssu_module_py.h"
 #include "copy_ffi.h"
 #include "ssu_cuda_emu.h"
@@ -376,6 +377,21 @@ NB_MODULE(_cpu, m) {
     d["calls"] = ssu::emu::calls();
     return d;
   });
+  // The fast path's int16 row encoder as emulated on the host (ssu_cuda_emu.h int16_encode):
+  // values (n, 8) float32, scales (n,) float32 -> (n, 8) int16. For tests.
+  m.def("emulated_int16_encode",
+        [](nanobind::ndarray<const float, nanobind::shape<-1, 8>, nanobind::c_contig> v,
+           nanobind::ndarray<const float, nanobind::shape<-1>, nanobind::c_contig> sc) {
+          const int64_t n = int64_t(v.shape(0));
+          if (int64_t(sc.shape(0)) != n)
+            throw nanobind::value_error("emulated_int16_encode: scales must have one per row");
+          auto* out = new int16_t[size_t(8 * n)];
+          nanobind::capsule owner(out, [](void* p) noexcept { delete[] static_cast<int16_t*>(p); });
+          if (!ssu::emu::int16_encode(v.data(), sc.data(), n, out))
+            throw nanobind::value_error("emulated_int16_encode: the emulation is not built");
+          return nanobind::ndarray<nanobind::numpy, int16_t, nanobind::ndim<2>>(
+              out, {size_t(n), size_t(8)}, owner);
+        });
   m.def("missing_cuda_registrations", []() {
     nanobind::dict d;
     d["jax_mamba_ssu"] = nanobind::capsule(reinterpret_cast<void*>(ssu::kMissingCuda));

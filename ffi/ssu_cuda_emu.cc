@@ -162,6 +162,16 @@ bool run_st(const Params& p, const cuda::Plan& pl) {
 
 bool available() { return true; }
 
+bool int16_encode(const float* v, const float* sc, int64_t n, int16_t* out) {
+  for (int64_t i = 0; i < n; ++i) {
+    const uint4 w = cuda::pack_state<DType::I16>(v + 8 * i, sc[i], cuda::i16_rcp(sc[i]));
+    const uint32_t ws[4] = {w.x, w.y, w.z, w.w};
+    for (int e = 0; e < 8; ++e)
+      out[8 * i + e] = int16_t(uint16_t(ws[e / 2] >> (16 * (e % 2))));
+  }
+  return true;
+}
+
 bool run_fast(const Params& p, const cuda::Plan& pl) {
   bool ran = false;
   switch (p.state_t) {
@@ -183,6 +193,7 @@ namespace ssu {
 namespace emu {
 bool available() { return false; }
 bool run_fast(const Params&, const cuda::Plan&) { return false; }
+bool int16_encode(const float*, const float*, int64_t, int16_t*) { return false; }
 }  // namespace emu
 }  // namespace ssu
 

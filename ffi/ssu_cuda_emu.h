@@ -19,6 +19,11 @@ bool enabled();
 bool run_fast(const Params& p, const cuda::Plan& pl);
 // Fast-path calls emulated so far in this process.
 long long calls();
+// The fast path's int16 row encoder (pack_state<I16> with the row's i16_rcp) on n rows of 8
+// values, row i with scale sc[i]: out[8 i + e] the stored int16 (tests/test_fast_emulation.py
+// checks it against IEEE division on inputs where a reciprocal alone would round wrongly).
+// false when the emulation is not built.
+bool int16_encode(const float* v, const float* sc, int64_t n, int16_t* out);
 
 }  // namespace emu
 }  // namespace ssu

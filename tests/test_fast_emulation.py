@@ -344,6 +344,32 @@ def test_extreme_values_on_the_emulated_fast_path(tmp_path):
     assert ((scales < 2.0 ** -126) & (scales > 0)).any(), "no subnormal int16 scale"
 
 
+def test_int16_encoder_matches_ieee_division():
+    """The fast path's int16 encoder (a row's reciprocal and one exact-residual correction in
+    place of a division per element) stores rint(clamp(v / scale)) with IEEE division: values
+    within a few ulps of half-integers at scales down to fp32's subnormals (where the residual
+    itself underflows and the shortcut must not be taken), random rows at ordinary and huge
+    scales, zeros, NaN and the clamp."""
+    r = np.random.default_rng(8)
+    n = 20000
+    sc = np.ldexp(1 + r.random(n), r.integers(-126, -110, n)).astype(np.float32)
+    half = (r.integers(0, 24, (n, 8)) + 0.5).astype(np.float32)
+    v = (half * sc[:, None]).astype(np.float32)
+    v = (v.view(np.int32) + r.integers(-3, 4, (n, 8)).astype(np.int32)).view(np.float32)
+    big = np.ldexp(1 + r.random(n), r.integers(-100, 100, n)).astype(np.float32)
+    vb = (r.standard_normal((n, 8)) * 20000 * big[:, None]).astype(np.float32)
+    vb[:5, 0] = [0.0, -0.0, np.nan, 40000 * big[1], -40000 * big[2]]
+    sc = np.concatenate([sc, big, np.float32([1e-45, 3e-39, 1e-30, 1e30])])
+    v = np.concatenate([v, vb, r.standard_normal((4, 8)).astype(np.float32) * sc[-4:, None]])
+    got = _cpu.emulated_int16_encode(np.ascontiguousarray(v), np.ascontiguousarray(sc))
+    with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
+        q = np.clip(v / sc[:, None], -32767, 32767)  # fmaxf / fminf: NaN -> -32767
+    want = np.where(np.isnan(q), -32767, np.rint(q)).astype(np.int16)
+    bad = np.argwhere(got != want)
+    assert bad.size == 0, (f"{len(bad)} of {got.size} differ, first: v={v[tuple(bad[0])]!r} "
+                           f"scale={sc[bad[0][0]]!r} got {got[tuple(bad[0])]} want {want[tuple(bad[0])]}")
+
+
 RUN = ("import sys, pytest; rc = pytest.main(sys.argv[1:]); from jax_mamba import _cpu; "
        "print('EMULATED', _cpu.emulation()['calls']); sys.exit(rc)")
 
