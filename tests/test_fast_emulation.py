@@ -143,7 +143,21 @@ def test_stochastic_rounding_on_the_emulated_fast_path(tmp_path):
         _compare_with_cpu(emu, plain, rows, _sr_out_close)
 
 
-VARLEN_CASES = r"""
+# The child scripts' record of one call: out as float32, every stored array (state, int16
+# scales, intermediate buffers and their scales) as raw bits for a bit-for-bit comparison.
+SAVE_STORED = r"""
+import numpy as np
+def save_stored(res, key, o):
+    res[key + "-out"] = np.asarray(o.out, np.float32)
+    for field in ("state", "state_scale", "intermediate_states_buffer",
+                  "intermediate_state_scales"):
+        v = getattr(o, field)
+        if v is not None:
+            v = np.asarray(v)
+            res[f"{key}-{field}"] = v.view(np.uint16 if v.dtype.itemsize == 2 else np.uint32)
+"""
+
+VARLEN_CASES = SAVE_STORED + r"""
 import contextlib, sys, numpy as np, jax, jax.numpy as jnp
 import jax_mamba
 from jax_mamba import _cpu
@@ -216,13 +230,7 @@ for sd, it in (("float32", "float32"), ("bfloat16", "bfloat16"), ("float16", "fl
             o = jax.block_until_ready(o)  # dispatch is asynchronous: count once it has run
         key = f"{sd}-{it}-{case}"
         res[key + "-calls"] = np.int64(_cpu.emulation()["calls"] - before)
-        res[key + "-out"] = np.asarray(o.out, np.float32)
-        res[key + "-state"] = np.asarray(o.state).view(np.uint16)
-        for name in ("state_scale", "intermediate_states_buffer", "intermediate_state_scales"):
-            v = getattr(o, name)
-            if v is not None:
-                v = np.asarray(v)
-                res[f"{key}-{name}"] = v.view(np.uint16 if v.dtype.itemsize == 2 else np.uint32)
+        save_stored(res, key, o)
 np.savez(sys.argv[1], **res)
 """
 
@@ -261,7 +269,7 @@ def test_varlen_on_the_emulated_fast_path(tmp_path):
     assert (plain["float32-float32-pads-out"][0] == 0).all()
 
 
-EXTREME_CASES = r"""
+EXTREME_CASES = SAVE_STORED + r"""
 import sys, numpy as np, jax, jax.numpy as jnp
 import jax_mamba
 from jax_mamba import _cpu
@@ -306,13 +314,7 @@ for mtp in (False, True):
         o = jax.block_until_ready(jax_mamba.selective_state_update(s0, x, dt, A, B, C, f(H), **kw0))
         key = f"{name}-{'mtp' if mtp else 'stp'}"
         res[key + "-calls"] = np.int64(_cpu.emulation()["calls"] - before)
-        res[key + "-out"] = np.asarray(o.out, np.float32)
-        for field in ("state", "state_scale", "intermediate_states_buffer",
-                      "intermediate_state_scales"):
-            v = getattr(o, field)
-            if v is not None:
-                v = np.asarray(v)
-                res[f"{key}-{field}"] = v.view(np.uint16 if v.dtype.itemsize == 2 else np.uint32)
+        save_stored(res, key, o)
 np.savez(sys.argv[1], **res)
 """
 
