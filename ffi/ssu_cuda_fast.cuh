@@ -324,12 +324,14 @@ namespace cuda {
 // previous step's math. After step t: the row's state to intermediate[ii, t] (when the entry has an
 // intermediate row) and to the step's dst slot (state_write_slot), both streaming stores.
 
-// The inputs of one step for this thread: dt bits, the B / C slices, x and z of its rows, and
-// the step's state write slot (-1: none).
+// The inputs of one step for this thread: dt bits, the B / C slices as loaded (16-bit inputs two
+// to a word: the next step's prefetch holds half the registers of fp32 values), x and z of its
+// rows, and the step's state write slot (-1: none).
 template <DType IT, int N, int KV, int VPL, int E>
 struct MtpStep {
+  static constexpr int W = InWords<IT, E>::value;
   uint32_t w_dt;
-  float Bf[VPL][E], Cf[VPL][E];
+  uint32_t Bw[VPL][W], Cw[VPL][W];
   float xf[KV], zf[KV];
   int64_t wslot;
 };
@@ -451,8 +453,8 @@ __global__ void __launch_bounds__(256, MtpMinBlocks<ST, SR>::value)
     const int bc = (rt * G + g) * N + lane * E;
 #pragma unroll
     for (int j = 0; j < VPL; ++j) {
-      ld_in_vec<IT, E>(p.B, bc + j * LPR * E, s.Bf[j]);
-      ld_in_vec<IT, E>(p.C, bc + j * LPR * E, s.Cf[j]);
+      ld_in_words<IT, E>(p.B, bc + j * LPR * E, s.Bw[j]);
+      ld_in_words<IT, E>(p.C, bc + j * LPR * E, s.Cw[j]);
     }
     const int xb = (rt * H + h) * P;
 #pragma unroll
@@ -525,6 +527,12 @@ __global__ void __launch_bounds__(256, MtpMinBlocks<ST, SR>::value)
                             ? static_cast<SW*>(p.state) + uint64_t(cur.wslot) * slot_elems + in_slot
                             : nullptr;
     SW* const it_row = inter_row != nullptr ? inter_row + uint64_t(t) * slot_elems : nullptr;
+    float Bf[VPL][E], Cf[VPL][E];
+#pragma unroll
+    for (int j = 0; j < VPL; ++j) {
+      cvt_in_words<IT, E>(cur.Bw[j], Bf[j]);
+      cvt_in_words<IT, E>(cur.Cw[j], Cf[j]);
+    }
     float acc[KV];
 #pragma unroll
     for (int k = 0; k < KV; ++k) {
@@ -533,8 +541,8 @@ __global__ void __launch_bounds__(256, MtpMinBlocks<ST, SR>::value)
       for (int j = 0; j < VPL; ++j) {
 #pragma unroll
         for (int q = 0; q < E; ++q) {
-          st[k][j][q] = st[k][j][q] * dA + (cur.Bf[j][q] * dt) * cur.xf[k];
-          a += st[k][j][q] * cur.Cf[j][q];
+          st[k][j][q] = st[k][j][q] * dA + (Bf[j][q] * dt) * cur.xf[k];
+          a += st[k][j][q] * Cf[j][q];
         }
       }
       acc[k] = a;

@@ -85,22 +85,29 @@ __device__ __forceinline__ void st_out(void* base, int64_t i, float v) {
     static_cast<uint16_t*>(base)[i] = to16_rn<T>(v);
 }
 
-// E consecutive input elements (E * sizeof(T) bytes, aligned to that size) as fp32.
+// E consecutive input elements (E * sizeof(T) bytes, aligned to that size) as raw 32-bit words:
+// E of them for fp32, E / 2 (two elements each) for 16-bit inputs. Held this way, a prefetched
+// vector costs half the registers of its fp32 values (ssu_fast_mtp's next step).
 template <DType T, int E>
-__device__ __forceinline__ void ld_in_vec(const void* base, int64_t i, float (&v)[E]) {
+struct InWords {
+  static constexpr int value = T == DType::F32 ? E : E / 2;
+};
+
+template <DType T, int E>
+__device__ __forceinline__ void ld_in_words(const void* base, int64_t i,
+                                            uint32_t (&w)[InWords<T, E>::value]) {
   if constexpr (T == DType::F32) {
-    const float4* q = reinterpret_cast<const float4*>(static_cast<const float*>(base) + i);
+    const uint4* q = reinterpret_cast<const uint4*>(static_cast<const float*>(base) + i);
 #pragma unroll
     for (int j = 0; j < E / 4; ++j) {
-      const float4 f = __ldg(q + j);
-      v[4 * j] = f.x;
-      v[4 * j + 1] = f.y;
-      v[4 * j + 2] = f.z;
-      v[4 * j + 3] = f.w;
+      const uint4 f = __ldg(q + j);
+      w[4 * j] = f.x;
+      w[4 * j + 1] = f.y;
+      w[4 * j + 2] = f.z;
+      w[4 * j + 3] = f.w;
     }
   } else {
     const uint16_t* b = static_cast<const uint16_t*>(base) + i;
-    uint32_t w[E / 2];
     if constexpr (E == 8) {
       const uint4 u = __ldg(reinterpret_cast<const uint4*>(b));
       w[0] = u.x;
@@ -113,12 +120,32 @@ __device__ __forceinline__ void ld_in_vec(const void* base, int64_t i, float (&v
       w[0] = u.x;
       w[1] = u.y;
     }
+  }
+}
+
+// The words of ld_in_words as fp32.
+template <DType T, int E>
+__device__ __forceinline__ void cvt_in_words(const uint32_t (&w)[InWords<T, E>::value],
+                                             float (&v)[E]) {
+  if constexpr (T == DType::F32) {
+#pragma unroll
+    for (int j = 0; j < E; ++j)
+      v[j] = __uint_as_float(w[j]);
+  } else {
 #pragma unroll
     for (int j = 0; j < E / 2; ++j) {
       v[2 * j] = half_word<T>(w[j], 0);
       v[2 * j + 1] = half_word<T>(w[j], 1);
     }
   }
+}
+
+// E consecutive input elements (E * sizeof(T) bytes, aligned to that size) as fp32.
+template <DType T, int E>
+__device__ __forceinline__ void ld_in_vec(const void* base, int64_t i, float (&v)[E]) {
+  uint32_t w[InWords<T, E>::value];
+  ld_in_words<T, E>(base, i, w);
+  cvt_in_words<T, E>(w, v);
 }
 
 // The E elements of one 16-byte state vector (raw words, e.g. from shared memory) -> fp32.
