@@ -100,6 +100,8 @@ CASES = {c.name: c for c in [
     _case("b64-bf16-h80g1", 64, heads=80, ngroups=1),
     _case("b64-fp32-h80g1", 64, "fp32", heads=80, ngroups=1),
     _case("b128-bf16-h128", 128, heads=128),
+    # small-batch speculative decoding (latency-bound, like b1 / b8 single-token)
+    *(_case(f"mtp4-b{b}-bf16-inter", b, mtp=4, inter=True) for b in (1, 8)),
     _case("mtp4-b64-bf16-inter", 64, mtp=4, inter=True),
     _case("mtp6-b64-fp32-inter", 64, "fp32", mtp=6, inter=True),
     _case("mtp6-b64-bf16-inter", 64, mtp=6, inter=True),

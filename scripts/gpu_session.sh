@@ -142,7 +142,7 @@ print(f"{2 * a.nbytes / statistics.median(ts[3:]) / 1e9:.0f}")
 EOF
 )
   summary "torch copy_ 1 GiB: ${copy:-n/a} GB/s (read + write, events)"
-  CASES=${CASES:-"b1-bf16 b8-bf16 b64-bf16 b256-bf16 b64-fp16 b64-fp32 b256-fp32 b64-bf16-p128 b64-bf16-h80g1 b64-fp32-h80g1 b128-bf16-h128 mtp4-b64-bf16-inter mtp6-b64-fp32-inter mtp6-b64-bf16-inter b64-int16 b64-fp16-sr mamba1-b64-fp32"}
+  CASES=${CASES:-"b1-bf16 b8-bf16 b64-bf16 b256-bf16 b64-fp16 b64-fp32 b256-fp32 b64-bf16-p128 b64-bf16-h80g1 b64-fp32-h80g1 b128-bf16-h128 mtp4-b1-bf16-inter mtp4-b8-bf16-inter mtp4-b64-bf16-inter mtp6-b64-fp32-inter mtp6-b64-bf16-inter b64-int16 b64-fp16-sr mamba1-b64-fp32"}
   cases=(); for c in $CASES; do cases+=(--case "$c"); done
   rm -f "$OUT/perf.json"  # the comparison below reads this run's ceiling, never an older one
   # shellcheck disable=SC2086
