@@ -5,14 +5,18 @@
 #   tests      the GPU half of the test suite (-k gpu: every case on the GPU, the kernel case
 #              grid of tests/test_kernel_cases.py included) except the tests that run child
 #              processes, then with multi-row lanes forced (JAX_MAMBA_CUDA_ROWS=1 on the strategy
-#              / op tests, =4 on the grid's small half); about 250 s on an H100 (2026-12-08)
+#              / op tests, =4 on the grid's small half). With pytest-xdist installed the suite
+#              runs in TEST_WORKERS (default 4) processes sharing the GPU, the timing tests
+#              (tests/test_benchmark.py) after it in one; TEST_WORKERS=1 runs all in one process
+#              (about 250 s on an H100, 2026-12-08)
 #   children   the GPU tests that run child processes: the fallback kernels re-running four test
 #              files (tests/test_fallback_kernels.py) and the random degenerate shapes
-#              (test_degenerate_property); about 300 s on an H100. `build tests children` does
-#              not fit one 600 s device call: run `children` (or `sanitize racecheck perf`) in a
-#              second call right after the first WITHOUT carry: the device keeps build/clean
-#              (ignored by git) and so the modules built into build/clean/jax_mamba while it
-#              stays warm (30 s idle); carrying build/clean again replaces it and drops them
+#              (test_degenerate_property), in parallel like `tests` (one process: about 300 s
+#              on an H100). Serially, `build tests children` does not fit one 600 s device call:
+#              run `children` (or `sanitize racecheck perf`) in a second call right after the
+#              first WITHOUT carry: the device keeps build/clean (ignored by git) and so the
+#              modules built into build/clean/jax_mamba while it stays warm (30 s idle);
+#              carrying build/clean again replaces it and drops them
 #   sanitize   compute-sanitizer memcheck on the small case set (pytest -m sanitize -k gpu)
 #   racecheck  the same under compute-sanitizer racecheck (not in the default STAGES)
 #   perf       kernel timings by the package's benchmark CLI (python -m jax_mamba.benchmark;
@@ -70,6 +74,10 @@ stage() {  # name, wanted timeout (s), command...: output appended to $LOG under
 # a hang (or a slow child process) shows where it is before the stage's timeout kills it
 PYTEST=(python -m pytest -q -rf --tb=short -p no:cacheprovider -o faulthandler_timeout=120)
 CHILDREN=(tests/test_fallback_kernels.py "tests/test_degenerate.py::test_degenerate_property")
+XDIST=()  # independent tests in TEST_WORKERS processes on the one GPU (timing tests excluded)
+if [ "${TEST_WORKERS:-4}" -gt 1 ] && python -c "import xdist" 2> /dev/null; then
+  XDIST=(-n "${TEST_WORKERS:-4}")
+fi
 export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
 summary "card: $(nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,driver_version --format=csv,noheader 2>&1 | head -1)"
 if [ -f .export_commit ]; then  # a tree from scripts/export_clean.sh: the device's .git may be older
@@ -108,13 +116,15 @@ python -c "import jax, jax_mamba; print('jax', jax.__version__, 'HAS_CUDA', jax_
 
 if has tests; then
   # shellcheck disable=SC2086
-  stage pytest_$K "${TEST_TIMEOUT:-420}" "${PYTEST[@]}" -k "$K" \
-    --deselect "${CHILDREN[0]}" --deselect "${CHILDREN[1]}" ${TEST_FILES:-tests}
+  stage pytest_$K "${TEST_TIMEOUT:-420}" "${PYTEST[@]}" "${XDIST[@]}" -k "$K" \
+    --deselect "${CHILDREN[0]}" --deselect "${CHILDREN[1]}" --deselect tests/test_benchmark.py \
+    ${TEST_FILES:-tests}
+  stage pytest_timing_$K 240 "${PYTEST[@]}" -k "$K" tests/test_benchmark.py
   JAX_MAMBA_CUDA_ROWS=1 stage pytest_rows1 120 "${PYTEST[@]}" -k "$K" tests/test_algorithms.py tests/test_ops.py
   JAX_MAMBA_CUDA_ROWS=4 stage grid_rows4 120 "${PYTEST[@]}" -m grid -k "$K and test_grid_case" \
     tests/test_kernel_cases.py
 fi
-has children && stage children_$K 540 "${PYTEST[@]}" -k "$K" "${CHILDREN[@]}"
+has children && stage children_$K 540 "${PYTEST[@]}" "${XDIST[@]}" -k "$K" "${CHILDREN[@]}"
 for tool in memcheck racecheck; do
   if { [ $tool = memcheck ] && has sanitize; } || has $tool; then
     if command -v compute-sanitizer > /dev/null; then
