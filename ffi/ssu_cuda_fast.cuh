@@ -257,11 +257,13 @@ __global__ void __launch_bounds__(256) ssu_fast(const Params p, const Launch l) 
     }
     float sc = 1.f, rc = 0.f;
     if constexpr (Q) {
-      if (dst_row != nullptr) {  // uniform over the CTA: every lane takes part in the shuffle
-        sc = row_scale<LPR>(sv);
-        rc = i16_rcp(sc);
-        if (lane == 0 && on(k)) p.state_scale[uint64_t(dst) * HP + uint32_t(h * P + row(k))] = sc;
-      }
+      // every lane, outside any branch, even with nothing to store: a shuffle under a condition
+      // the compiler cannot prove warp-uniform gets a collective fallback around it (SASS:
+      // WARPSYNC.COLLECTIVE, BSSY / BSYNC per shuffle)
+      sc = row_scale<LPR>(sv);
+      rc = i16_rcp(sc);
+      if (dst_row != nullptr && lane == 0 && on(k))
+        p.state_scale[uint64_t(dst) * HP + uint32_t(h * P + row(k))] = sc;
     }
     if constexpr (SR) {
       acc[k] = a;
@@ -548,15 +550,15 @@ __global__ void __launch_bounds__(256, MtpMinBlocks<ST, SR>::value)
       acc[k] = a;
       float sc = 1.f, rc = 0.f;
       if constexpr (Q) {
-        if (store) {  // uniform over the CTA: every lane takes part in the shuffle
-          sc = row_scale<LPR>(st[k]);
-          rc = i16_rcp(sc);
-          if (lane == 0 && on(k)) {
-            const uint32_t r = uint32_t(h * P + row(k));
-            if (dst_row != nullptr) p.state_scale[uint64_t(cur.wslot) * HP + r] = sc;
-            if (it_row != nullptr)
-              p.inter_scales[(uint64_t(e.ii) * uint64_t(p.CS) + t) * HP + r] = sc;
-          }
+        // every step, outside any branch (as in ssu_fast: a shuffle under a condition the
+        // compiler cannot prove warp-uniform gets a collective fallback around it)
+        sc = row_scale<LPR>(st[k]);
+        rc = i16_rcp(sc);
+        if (store && lane == 0 && on(k)) {
+          const uint32_t r = uint32_t(h * P + row(k));
+          if (dst_row != nullptr) p.state_scale[uint64_t(cur.wslot) * HP + r] = sc;
+          if (it_row != nullptr)
+            p.inter_scales[(uint64_t(e.ii) * uint64_t(p.CS) + t) * HP + r] = sc;
         }
       }
       if (store && on(k)) {
