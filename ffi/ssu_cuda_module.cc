@@ -31,11 +31,13 @@ static std::tuple<int, int> device_limits() {
 }
 
 // The benchmark's ceiling (docs/performance.md, "Ceiling"): (memcpy GB/s, SM kernel GB/s,
-// bytes per copy read + written, buffer bytes used, kernel grid) of a copy of `nbytes` on
-// CUDA device `device` (-1: current); RuntimeError naming the failed CUDA call otherwise.
-static std::tuple<double, double, double, int64_t, int> copy_ceiling(int64_t nbytes, int reps,
-                                                                     int warmup, int device,
-                                                                     int64_t min_nbytes) {
+// bytes per copy read + written, buffer bytes used, kernel grid, write-only memset GB/s) of a
+// copy of `nbytes` on CUDA device `device` (-1: current); RuntimeError naming the failed CUDA
+// call otherwise.
+static std::tuple<double, double, double, int64_t, int, double> copy_ceiling(int64_t nbytes,
+                                                                             int reps, int warmup,
+                                                                             int device,
+                                                                             int64_t min_nbytes) {
   if (nbytes <= 0)
     throw std::invalid_argument("copy_ceiling: nbytes must be > 0, got " + std::to_string(nbytes));
   if (min_nbytes <= 0)
@@ -49,8 +51,12 @@ static std::tuple<double, double, double, int64_t, int> copy_ceiling(int64_t nby
                                           static_cast<std::size_t>(min_nbytes), reps, warmup, &c);
   }
   if (!err.empty()) throw std::runtime_error(err);
-  return {c.memcpy_gbs, c.kernel_gbs, 2.0 * static_cast<double>(c.buffer_bytes),
-          static_cast<int64_t>(c.buffer_bytes), c.grid};
+  return {c.memcpy_gbs,
+          c.kernel_gbs,
+          2.0 * static_cast<double>(c.buffer_bytes),
+          static_cast<int64_t>(c.buffer_bytes),
+          c.grid,
+          c.write_gbs};
 }
 
 NB_MODULE(_cuda, m) {

@@ -549,6 +549,7 @@ def run(argv=None):
                   datetime.timezone.utc).isoformat(timespec="seconds"),
               "copy_gbs": ceil.gbs, "copy_method": ceil.method,
               "copy_memcpy_gbs": ceil.memcpy_gbs, "copy_kernel_gbs": ceil.kernel_gbs,
+              "copy_write_gbs": ceil.write_gbs,
               "copy_mb": o.copy_mb, "copy_buffer_mb": ceil.buffer_mb, "copy_bytes": ceil.bytes,
               "copy_us": ceil.seconds * 1e6, "copy_note": ceil.note,
               "calls": o.calls, "reps": o.reps, "cache_mb": o.cache_mb, "flush_mb": o.flush_mb}
@@ -636,9 +637,11 @@ def describe_ceiling(ceil: Ceiling):
         return (f"copy {ceil.gbs:.0f} GB/s (jax_mamba_copy memcpy chain, {ceil.buffer_mb:g} MiB, "
                 "read + write)")
     used = "SM copy kernel" if ceil.method == "sm_kernel" else "cudaMemcpyAsync"
+    write = ("" if ceil.write_gbs is None else
+             f"; write only (cudaMemsetAsync, not a ceiling) {ceil.write_gbs:.0f} GB/s")
     return (f"copy {ceil.gbs:.0f} GB/s = {used}, the faster of cudaMemcpyAsync "
             f"{ceil.memcpy_gbs:.0f} GB/s and SM copy kernel {ceil.kernel_gbs:.0f} GB/s "
-            f"({ceil.buffer_mb:g} MiB, read + write, event-timed median)")
+            f"({ceil.buffer_mb:g} MiB, read + write, event-timed median){write}")
 
 
 if __name__ == "__main__":

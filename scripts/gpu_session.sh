@@ -170,12 +170,14 @@ except (OSError, ValueError, KeyError):
     from jax_mamba import _copy
     c = _copy.cuda_ceiling(jax.devices("gpu")[0], 1 << 30)
     h = {"copy_gbs": c.gbs, "copy_method": c.method, "copy_memcpy_gbs": c.memcpy_gbs,
-         "copy_kernel_gbs": c.kernel_gbs, "copy_buffer_mb": c.buffer_mb}
+         "copy_kernel_gbs": c.kernel_gbs, "copy_buffer_mb": c.buffer_mb,
+         "copy_write_gbs": c.write_gbs}
     src = "measured alone: no perf.json"
 k = h.get("copy_kernel_gbs")
+w = h.get("copy_write_gbs")
 print(f"CLI ceiling ({src}): {h['copy_gbs']:.0f} GB/s by {h['copy_method']} (cudaMemcpyAsync "
       f"{h['copy_memcpy_gbs']:.0f}, SM kernel {k or float('nan'):.0f} GB/s, "
-      f"{h.get('copy_buffer_mb')} MiB)")
+      f"{h.get('copy_buffer_mb')} MiB; write-only memset {w or float('nan'):.0f} GB/s)")
 if t:
     d = h["copy_gbs"] / float(t) - 1
     print(f"ceiling vs torch copy_ {t} GB/s: {100 * d:+.1f}%: "

@@ -274,7 +274,13 @@ def test_ceiling_is_the_faster_method():
     c = _copy.Ceiling.best_of(4300.0, 4200.0, 2 * 2**30, 1024.0)
     assert (c.method, c.gbs) == ("memcpy", 4300.0)
     c = _copy.Ceiling.best_of(12.5, None, 2 * 2**20, 1.0, cpu=True)
-    assert (c.method, c.gbs, c.kernel_gbs) == ("memcpy_chain", 12.5, None)
+    assert (c.method, c.gbs, c.kernel_gbs, c.write_gbs) == ("memcpy_chain", 12.5, None, None)
+    # the write-only figure is reported, never the ceiling, even when it is the largest
+    c = _copy.Ceiling.best_of(4000.0, 4200.0, 2 * 2**30, 1024.0, write_gbs=9000.0)
+    assert (c.method, c.gbs, c.write_gbs) == ("sm_kernel", 4200.0, 9000.0)
+    assert "write only (cudaMemsetAsync, not a ceiling) 9000 GB/s" in benchmark.describe_ceiling(c)
+    assert "write only" not in benchmark.describe_ceiling(
+        _copy.Ceiling.best_of(4000.0, 4200.0, 2 * 2**30, 1024.0))
 
 
 def test_cuda_ceiling_refuses_a_cpu_device():
@@ -414,6 +420,7 @@ def test_cli_on_the_gpu_is_within_its_ceiling(tmp_path):
     assert h["copy_method"] in ("memcpy", "sm_kernel") and h["copy_mb"] == 1024
     assert h["copy_memcpy_gbs"] > 0 and h["copy_kernel_gbs"] > 0
     assert h["copy_gbs"] == max(h["copy_memcpy_gbs"], h["copy_kernel_gbs"])
+    assert h["copy_write_gbs"] > 0
     (row,) = d["rows"]
     # the traced device time: present, and at most the wall time per call (which adds host work)
     # up to timing noise
