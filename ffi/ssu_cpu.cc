@@ -375,6 +375,7 @@ NB_MODULE(_cpu, m) {
     d["available"] = ssu::emu::available();
     d["enabled"] = ssu::emu::enabled();
     d["calls"] = ssu::emu::calls();
+    d["steps_calls"] = ssu::emu::steps_calls();
     return d;
   });
   // The fast path's int16 row encoder as emulated on the host (ssu_cuda_emu.h int16_encode):

@@ -111,6 +111,7 @@ namespace emu {
 namespace {
 
 std::atomic<long long> g_calls{0};
+std::atomic<long long> g_steps_calls{0};  // of them, with T compiled in (plan.steps > 0)
 
 // 32 lane threads for the whole grid: each runs the kernel for every (CTA, warp) in the same
 // order, and the lanes meet at a barrier after each, so a warp's shuffles always pair lanes of
@@ -181,6 +182,7 @@ bool run_fast(const Params& p, const cuda::Plan& pl) {
     case DType::I16: ran = run_st<DType::I16>(p, pl); break;
   }
   if (ran) ++g_calls;
+  if (ran && pl.steps > 0) ++g_steps_calls;
   return ran;
 }
 
@@ -210,8 +212,10 @@ bool enabled() {
 }
 #ifndef JAX_MAMBA_CPU_EMULATION
 long long calls() { return 0; }
+long long steps_calls() { return 0; }
 #else
 long long calls() { return g_calls.load(); }
+long long steps_calls() { return g_steps_calls.load(); }
 #endif
 }  // namespace emu
 }  // namespace ssu

@@ -17,8 +17,9 @@ bool enabled();
 // Runs the planned fast-path kernel (pl.kernel kFast or kFastMtp) on host memory; false when pl
 // is not a fast-path plan (nothing run).
 bool run_fast(const Params& p, const cuda::Plan& pl);
-// Fast-path calls emulated so far in this process.
+// Fast-path calls emulated so far in this process, and of them those with T compiled in.
 long long calls();
+long long steps_calls();
 // The fast path's int16 row encoder (pack_state<I16> with the row's i16_rcp) on n rows of 8
 // values, row i with scale sc[i]: out[8 i + e] the stored int16 (tests/test_fast_emulation.py
 // checks it against IEEE division on inputs where a reciprocal alone would round wrongly).

@@ -405,10 +405,16 @@ struct MtpMinBlocks {
   static constexpr int value = ST == DType::I16 || SR ? 1 : 2;
 };
 
-template <DType ST, DType IT, int N, int KV, bool SR, bool VL = false>
+// TC > 0: T (steps per entry) compiled in (the planner sends only calls with p.T == TC; not for
+// varlen, whose lengths are per sequence): the step loop unrolled, and with one row per thread
+// (the small-batch plan, latency-bound) every step's inputs loaded before the first step runs
+// instead of one step ahead. TC = 0: the runtime loop.
+template <DType ST, DType IT, int N, int KV, bool SR, bool VL = false, int TC = 0>
 __global__ void __launch_bounds__(256, MtpMinBlocks<ST, SR>::value)
     ssu_fast_mtp(const Params p, const Launch l) {
   static_assert(!SR || ST == DType::BF16 || ST == DType::F16, "stochastic rounding: 16-bit floats");
+  static_assert(TC == 0 || !VL, "compile-time steps: not for varlen");
+  constexpr int PD = TC > 0 && KV == 1 ? TC : 1;  // steps whose inputs are loaded ahead
   using SW = typename Stor<ST>::type;
   using R = FastRow<ST, N>;
   constexpr int E = R::E, LPR = R::LPR, VPL = R::VPL;
@@ -446,7 +452,7 @@ __global__ void __launch_bounds__(256, MtpMinBlocks<ST, SR>::value)
           if (on(k)) st_out<IT>(p.out, (int(r) * H + h) * P + row(k), __int_as_float(0x7fc00000));
     return;
   }
-  const int len = int(e.len), row0 = int(e.row0);
+  const int len = TC > 0 ? TC : int(e.len), row0 = int(e.row0);
   if (len == 0) return;
 
   auto load_step = [&](int t, Step& s) {
@@ -481,8 +487,15 @@ __global__ void __launch_bounds__(256, MtpMinBlocks<ST, SR>::value)
       raw[k][j] = on(k) && !e.padded
                       ? __ldcs(reinterpret_cast<const uint4*>(src_row + k * row_step + j * LPR * E))
                       : make_uint4(0u, 0u, 0u, 0u);
-  Step cur;
-  load_step(0, cur);
+  Step cur;                 // the runtime loop's current step
+  Step s[TC > 0 ? TC : 1];  // TC > 0: step t's inputs in s[t], the first PD loaded here
+  if constexpr (TC > 0) {
+#pragma unroll
+    for (int t = 0; t < PD; ++t)
+      load_step(t, s[t]);
+  } else {
+    load_step(0, cur);
+  }
   if constexpr (VL) {  // rows shared with another sequence: invalid (uniform over the CTA)
     if (warp_seq_overlaps(p, b)) {
       if (lane == 0)
@@ -518,9 +531,8 @@ __global__ void __launch_bounds__(256, MtpMinBlocks<ST, SR>::value)
   SW* const inter_row = e.to_inter ? static_cast<SW*>(p.inter) +
                                          uint64_t(e.ii) * uint64_t(p.CS) * slot_elems + in_slot
                                    : nullptr;
-  for (int t = 0; t < len; ++t) {
-    Step nxt;
-    if (t + 1 < len) load_step(t + 1, nxt);
+  // one step: the update with step t's inputs, its stores, its rows of out
+  auto run_step = [&](const int t, const Step& cur) {
     float dt = w_value(cur.w_dt, pt) + bias_h;
     if (p.softplus) dt = dev_softplus(dt);
     const float dA = __expf(A_h * dt);
@@ -607,7 +619,20 @@ __global__ void __launch_bounds__(256, MtpMinBlocks<ST, SR>::value)
         st_out<IT>(p.out, xb + row(k), v);
       }
     }
-    if (t + 1 < len) cur = nxt;
+  };
+  if constexpr (TC > 0) {
+#pragma unroll
+    for (int t = 0; t < TC; ++t) {
+      if (t + PD < TC) load_step(t + PD, s[t + PD]);
+      run_step(t, s[t]);
+    }
+  } else {
+    for (int t = 0; t < len; ++t) {
+      Step nxt;
+      if (t + 1 < len) load_step(t + 1, nxt);
+      run_step(t, cur);
+      if (t + 1 < len) cur = nxt;
+    }
   }
 }
 
@@ -616,9 +641,27 @@ __global__ void __launch_bounds__(256, MtpMinBlocks<ST, SR>::value)
 // (ssu_cuda_launch.cuh) and the host emulation (ssu_cuda_emu.cc).
 using FastKernel = void (*)(const Params, const Launch);
 
+// The instance with T = steps compiled in (fast_mtp_steps), nullptr when there is none.
+template <DType ST, DType IT, int N, int KV>
+FastKernel fast_kernel_steps(int steps) {
+  if constexpr (fast_mtp_steps_types(ST, IT, N)) {
+    switch (steps) {
+      case 2: return ssu_fast_mtp<ST, IT, N, KV, false, false, 2>;
+      case 4: return ssu_fast_mtp<ST, IT, N, KV, false, false, 4>;
+      case 6: return ssu_fast_mtp<ST, IT, N, KV, false, false, 6>;
+      case 8: return ssu_fast_mtp<ST, IT, N, KV, false, false, 8>;
+      default: return nullptr;
+    }
+  }
+  return nullptr;
+}
+
 template <DType ST, DType IT, int N, int KV, bool SR>
 FastKernel fast_kernel_sr(const Params& p, const Plan& pl) {
   if (pl.kernel == Kernel::kFastMtp) {
+    if constexpr (!SR) {
+      if (pl.steps > 0 && !p.varlen) return fast_kernel_steps<ST, IT, N, KV>(pl.steps);
+    }
     if (!p.varlen) return ssu_fast_mtp<ST, IT, N, KV, SR>;
     if constexpr (fast_varlen_dstate(N) && fast_varlen_input(IT))
       return ssu_fast_mtp<ST, IT, N, KV, SR, true>;  // varlen: grid z = sequences + 1

@@ -36,8 +36,8 @@ inline nanobind::dict contract_dict() {
 inline bool plan_sizes(int64_t S, int64_t H, int64_t P, int64_t N, int64_t nb, int64_t T,
                        int64_t rows, const std::string& state_dtype, bool varlen, bool has_inter,
                        int64_t I, int64_t CS, int64_t cache_steps, const std::string& algorithm,
-                       int sms, int smem_optin, bool has_seed, bool per_element, cuda::Plan* plan,
-                       std::string* why) {
+                       int sms, int smem_optin, bool has_seed, bool per_element,
+                       const std::string& input_dtype, cuda::Plan* plan, std::string* why) {
   Params p{};
   p.has_seed = has_seed;   // stochastic rounding (rand_seed given)
   p.A_elem = per_element;  // Mamba-1 (per-element A): the planner treats such kinds alike
@@ -64,6 +64,14 @@ inline bool plan_sizes(int64_t S, int64_t H, int64_t P, int64_t N, int64_t nb, i
     return false;
   }
   p.state_t = dts[t];
+  int u = 0;
+  while (u < 3 && types[u] != input_dtype)
+    ++u;
+  if (u == 3) {
+    *why = "unsupported input dtype " + input_dtype;
+    return false;
+  }
+  p.input_t = dts[u];
   const int64_t id = parse_algorithm(algorithm);
   if (id < 0) {
     *why = unknown_algorithm(algorithm);
@@ -79,10 +87,10 @@ inline bool plan_sizes(int64_t S, int64_t H, int64_t P, int64_t N, int64_t nb, i
   int64_t S, int64_t H, int64_t P, int64_t N, int64_t nb, int64_t T, int64_t rows,               \
       const std::string &state_dtype, bool varlen, bool has_inter, int64_t I, int64_t CS,        \
       int64_t cache_steps, const std::string &algorithm, int sms, int smem_optin, bool has_seed, \
-      bool per_element
+      bool per_element, const std::string &input_dtype
 #define SSU_PLAN_PASS                                                                          \
   S, H, P, N, nb, T, rows, state_dtype, varlen, has_inter, I, CS, cache_steps, algorithm, sms, \
-      smem_optin, has_seed, per_element
+      smem_optin, has_seed, per_element, input_dtype
 
 // (kernel name, "" ) or ("", why not).
 inline std::tuple<std::string, std::string> plan_py(SSU_PLAN_ARGS) {
@@ -93,7 +101,8 @@ inline std::tuple<std::string, std::string> plan_py(SSU_PLAN_ARGS) {
 }
 
 // The plan's launch shape, for tests of the planner's choices: kernel, rows per thread (the
-// register kernels: vectors per lane), threads per CTA, rows per CTA, the fast path's z extent.
+// register kernels: vectors per lane), threads per CTA, rows per CTA, the fast path's z extent,
+// the fast multi-token path's compiled-in T (0: runtime loop).
 inline nanobind::dict plan_detail_py(SSU_PLAN_ARGS) {
   cuda::Plan plan;
   std::string why;
@@ -104,6 +113,7 @@ inline nanobind::dict plan_detail_py(SSU_PLAN_ARGS) {
   d["threads"] = plan.threads;
   d["rows_cta"] = plan.l.rows_cta;
   d["slices"] = plan.slices;
+  d["steps"] = plan.steps;
   return d;
 }
 
@@ -114,7 +124,8 @@ inline void def_module_functions(nanobind::module_& m) {
   nb::arg("S"), nb::arg("H"), nb::arg("P"), nb::arg("N"), nb::arg("nb"), nb::arg("T"),           \
       nb::arg("rows"), nb::arg("state_dtype"), nb::arg("varlen"), nb::arg("has_inter"),          \
       nb::arg("I"), nb::arg("CS"), nb::arg("cache_steps"), nb::arg("algorithm"), nb::arg("sms"), \
-      nb::arg("smem_optin"), nb::arg("has_seed") = false, nb::arg("per_element") = false
+      nb::arg("smem_optin"), nb::arg("has_seed") = false, nb::arg("per_element") = false,        \
+                             nb::arg("input_dtype") = "float32"
   m.def("plan", &plan_py, SSU_PLAN_NAMES);
   m.def("plan_detail", &plan_detail_py, SSU_PLAN_NAMES);
 #undef SSU_PLAN_NAMES

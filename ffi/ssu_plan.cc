@@ -56,6 +56,10 @@ bool fast_mtp_enabled() {  // JAX_MAMBA_CUDA_FAST_MTP=0: multi-token steps to th
   }();
   return v;
 }
+bool mtp_steps_enabled() {  // JAX_MAMBA_CUDA_MTP_STEPS=1: T compiled in where instantiated
+  static const bool v = env_int("JAX_MAMBA_CUDA_MTP_STEPS") > 0;
+  return v;
+}
 bool pdl_enabled() {
   static const bool v = env_int("JAX_MAMBA_CUDA_PDL") > 0;
   return v;
@@ -139,6 +143,10 @@ bool fast_plan(const Params& p, const DeviceInfo& di, Plan* pl) {
   pl->smem = 0;
   pl->pdl = pdl_enabled();
   pl->slices = int(slices);
+  pl->steps = mtp && !p.varlen && !p.has_seed && mtp_steps_enabled() &&
+                      fast_mtp_steps(p.state_t, p.input_t, N, p.T)
+                  ? int(p.T)
+                  : 0;
   Launch& l = pl->l;
   l.lshift = log2i(int(lpr));
   l.R = kv;

@@ -58,6 +58,16 @@ constexpr bool fast_elem_dstate(int64_t N) { return N == 16; }
 // input dtypes only.
 constexpr bool fast_varlen_dstate(int64_t N) { return N == 64 || N == 128; }
 constexpr bool fast_varlen_input(DType t) { return t == DType::F32 || t == DType::BF16; }
+// Multi-token steps with T compiled in (ssu_fast_mtp<..., TC = T>: the step loop unrolled, all
+// steps' inputs loaded up front at one row per thread) are instantiated for these states,
+// inputs, dstates and T, without stochastic rounding; opt-in (JAX_MAMBA_CUDA_MTP_STEPS=1) until
+// measured against the runtime loop (notes/kernel_versions.md v18).
+constexpr bool fast_mtp_steps_types(DType st, DType in, int64_t N) {
+  return (st == DType::F32 || st == DType::BF16) && in == DType::BF16 && N == 128;
+}
+constexpr bool fast_mtp_steps(DType st, DType in, int64_t N, int64_t T) {
+  return fast_mtp_steps_types(st, in, N) && (T == 2 || T == 4 || T == 6 || T == 8);
+}
 
 // Vertical kernel (ssu_cuda_vertical.cuh): shared-memory ring depth, most threads per CTA, and
 // the bytes of one stage of `tile_rows` state rows of N elements (128-byte aligned stages).
@@ -77,6 +87,7 @@ struct Plan {
   bool pdl = false;         // fast path: launched with programmatic stream serialization
   int sms = 0;              // multiprocessors of the device (persistent grids)
   int slices = 0;           // fast path: the grid's z extent (entries, + varlen's zero slice)
+  int steps = 0;            // fast multi-token path: T compiled into the kernel (0: runtime loop)
   Launch l{};
 };
 

@@ -269,6 +269,74 @@ def test_varlen_on_the_emulated_fast_path(tmp_path):
     assert (plain["float32-float32-pads-out"][0] == 0).all()
 
 
+STEPS_CASES = SAVE_STORED + r"""
+import sys, numpy as np, jax, jax.numpy as jnp
+import jax_mamba
+from jax_mamba import _cpu
+r = np.random.default_rng(23)
+f = lambda *s: r.standard_normal(s).astype(np.float32)
+i32 = lambda v: np.asarray(v, np.int32)
+S, H, G, P, N, b = 40, 2, 1, 16, 128, 3
+res = {}
+# the instantiated set (ssu_plan.h fast_mtp_steps): float32 / bfloat16 states, bfloat16
+# inputs, dstate 128, T 2 4 6 8; T 3 and a float16 state take the runtime loop either way
+for sd, T in (("float32", 2), ("bfloat16", 4), ("float32", 6), ("bfloat16", 8),
+              ("bfloat16", 3), ("float16", 4)):
+    for case in ("inter", "nacc_2d"):
+        st = (f(S, H, P, N) * 2).astype(jnp.dtype(sd))
+        tok = lambda *s: f(b, T, *s).astype(jnp.bfloat16)
+        kw = dict(dt_softplus=True, z=tok(H, P), dt_bias=f(H), D=f(H))
+        if case == "inter":  # 1-D slots, one padded; an intermediate buffer, one row padded
+            kw["state_batch_indices"] = i32([5, -1, 2])
+            kw["intermediate_states_buffer"] = f(4, T, H, P, N).astype(jnp.dtype(sd))
+            kw["intermediate_state_indices"] = i32([3, 0, -1])
+        else:  # 2-D read / write slots and num_accepted_tokens: a write after every step
+            src = r.integers(0, 8, (b, T))  # read slots 0-7, written ones 8 and up
+            dst = 8 + r.permutation(S - 8)[:b * T].reshape(b, T)
+            dst[1, 0] = -1
+            kw["state_batch_indices"] = i32(src)
+            kw["dst_state_batch_indices"] = i32(dst)
+            kw["num_accepted_tokens"] = i32(r.integers(0, T + 1, b))
+        before = _cpu.emulation()
+        o = jax_mamba.selective_state_update(st, tok(H, P), np.abs(f(b, T, H)) - 0.5,
+                                             -np.abs(f(H)), tok(G, N), tok(G, N), **kw)
+        o = jax.block_until_ready(o)
+        after = _cpu.emulation()
+        key = f"{sd}-T{T}-{case}"
+        res[key + "-calls"] = np.int64(after["calls"] - before["calls"])
+        res[key + "-steps_calls"] = np.int64(after["steps_calls"] - before["steps_calls"])
+        save_stored(res, key, o)
+np.savez(sys.argv[1], **res)
+"""
+
+
+def test_compiled_steps_on_the_emulated_fast_path(tmp_path):
+    """ssu_fast_mtp with T compiled in (JAX_MAMBA_CUDA_MTP_STEPS=1: the step loop unrolled and,
+    at one row per thread, every step's inputs loaded before the first step) stores exactly what
+    the runtime loop stores: out, states and intermediate buffers bit for bit, for float32 and
+    bfloat16 states, T 2 / 4 / 6 / 8, 1, 2 and 4 rows per thread, an intermediate buffer with
+    padded rows and 2-D slots with num_accepted_tokens. The switch reaches the instances it
+    names and no others (T 3, a float16 state: the runtime loop)."""
+    runs = {}
+    for steps in ("0", "1"):
+        for rows in ("1", "2", "4"):
+            env = dict(ENV, JAX_MAMBA_CUDA_MTP_STEPS=steps, JAX_MAMBA_CUDA_ROWS=rows,
+                       JAX_MAMBA_CUDA_THREADS="32")
+            runs[steps, rows] = _sr_run(tmp_path, f"steps{steps}-{rows}", env, STEPS_CASES)
+    for rows in ("1", "2", "4"):
+        a, b = runs["0", rows], runs["1", rows]
+        assert set(a) == set(b)
+        for k in sorted(a):
+            if k.endswith("-steps_calls"):
+                compiled = "-T3-" not in k and not k.startswith("float16-")
+                assert a[k] == 0, k
+                assert b[k] == (1 if compiled else 0), (k, rows, b[k])
+            elif k.endswith("-calls"):
+                assert a[k] == b[k] == 1, (k, rows)
+            else:
+                np.testing.assert_array_equal(a[k], b[k], err_msg=f"{k} rows={rows}")
+
+
 EXTREME_CASES = SAVE_STORED + r"""
 import sys, numpy as np, jax, jax.numpy as jnp
 import jax_mamba

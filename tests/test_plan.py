@@ -152,6 +152,40 @@ def test_fast_rows_per_thread(kw, kv):
     assert d["rows_cta"] == d["nv"] * d["threads"] // lanes_per_row, d
 
 
+STEPS_PROBLEMS = [  # (plan_detail changes, steps with JAX_MAMBA_CUDA_MTP_STEPS=1)
+    (dict(), 4),                                   # bfloat16 state and input, dstate 128, T 4
+    (dict(T=2), 2), (dict(T=8), 8), (dict(state_dtype="float32", T=6), 6),
+    (dict(T=3), 0), (dict(T=10), 0),               # T not instantiated
+    (dict(state_dtype="float16"), 0), (dict(state_dtype="int16"), 0),
+    (dict(input_dtype="float32"), 0), (dict(N=64), 0),
+    (dict(has_seed=True), 0),                      # stochastic rounding: the runtime loop
+    (dict(T=1, has_inter=False, I=0, CS=0), 0),    # a single step: ssu_fast
+    (dict(varlen=True, T=0, rows=40), 0),          # varlen: lengths per sequence
+]
+
+
+def test_compiled_steps_only_where_instantiated_and_asked():
+    """plan_detail's `steps` (ssu_fast_mtp with T compiled in): only with
+    JAX_MAMBA_CUDA_MTP_STEPS=1 (read once per process: child processes) and only for the states,
+    inputs, dstates and T ssu_plan.h's fast_mtp_steps names."""
+    base = dict(S=64, H=8, P=64, N=128, nb=16, T=4, rows=64, state_dtype="bfloat16",
+                input_dtype="bfloat16", varlen=False, has_inter=True, I=16, CS=10, cache_steps=0,
+                algorithm="auto", sms=132, smem_optin=OPTIN)
+    code = ("import json, sys; from jax_mamba import _cpu; "
+            "print(json.dumps([_cpu.plan_detail(**p) for p in json.loads(sys.argv[1])]))")
+    problems = [dict(base, **kw) for kw, _ in STEPS_PROBLEMS]
+    for on in ("0", "1"):
+        env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_MAMBA_CUDA")}
+        env["JAX_MAMBA_CUDA_MTP_STEPS"] = on
+        r = subprocess.run([sys.executable, "-c", code, json.dumps(problems)], env=env,
+                           capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stderr[-2000:]
+        details = json.loads(r.stdout.strip().splitlines()[-1])
+        for (kw, steps), d in zip(STEPS_PROBLEMS, details):
+            assert d["kernel"].startswith("ssu_fast"), (kw, d)
+            assert d["steps"] == (steps if on == "1" else 0), (on, kw, d)
+
+
 def test_plan_detail_refusal_names_the_cause():
     with pytest.raises(ValueError, match="unsupported state dtype float64"):
         _cpu.plan_detail(S=1, H=1, P=1, N=16, nb=1, T=1, rows=1, state_dtype="float64",
