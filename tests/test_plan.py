@@ -177,8 +177,11 @@ def test_compiled_steps_only_where_instantiated_and_asked():
     for on in ("0", "1"):
         env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_MAMBA_CUDA")}
         env["JAX_MAMBA_CUDA_MTP_STEPS"] = on
+        # from the tests directory: in the repository root the source tree would shadow the
+        # installed package (no compiled modules there)
         r = subprocess.run([sys.executable, "-c", code, json.dumps(problems)], env=env,
-                           capture_output=True, text=True, timeout=120)
+                           capture_output=True, text=True, timeout=120,
+                           cwd=os.path.dirname(os.path.abspath(__file__)))
         assert r.returncode == 0, r.stderr[-2000:]
         details = json.loads(r.stdout.strip().splitlines()[-1])
         for (kw, steps), d in zip(STEPS_PROBLEMS, details):
