@@ -54,24 +54,20 @@ inline bool plan_sizes(int64_t S, int64_t H, int64_t P, int64_t N, int64_t nb, i
   p.CS = CS;
   p.cache_steps = cache_steps;
   p.has_cache_steps = cache_steps > 0;
-  const std::string types[] = {"float32", "bfloat16", "float16", "int16"};
-  const DType dts[] = {DType::F32, DType::BF16, DType::F16, DType::I16};
-  int t = 0;
-  while (t < 4 && types[t] != state_dtype)
-    ++t;
-  if (t == 4) {
-    *why = "unsupported state dtype " + state_dtype;
+  // the first `n` of these names (states: all four; inputs: the floats) -> *t, or *why
+  auto dtype = [why](const std::string& name, int n, const char* what, DType* t) {
+    const std::string names[] = {"float32", "bfloat16", "float16", "int16"};
+    const DType dts[] = {DType::F32, DType::BF16, DType::F16, DType::I16};
+    for (int i = 0; i < n; ++i)
+      if (names[i] == name) {
+        *t = dts[i];
+        return true;
+      }
+    *why = std::string("unsupported ") + what + " dtype " + name;
     return false;
-  }
-  p.state_t = dts[t];
-  int u = 0;
-  while (u < 3 && types[u] != input_dtype)
-    ++u;
-  if (u == 3) {
-    *why = "unsupported input dtype " + input_dtype;
+  };
+  if (!dtype(state_dtype, 4, "state", &p.state_t) || !dtype(input_dtype, 3, "input", &p.input_t))
     return false;
-  }
-  p.input_t = dts[u];
   const int64_t id = parse_algorithm(algorithm);
   if (id < 0) {
     *why = unknown_algorithm(algorithm);
